@@ -1,0 +1,123 @@
+"""One exception tree for the whole gateway.
+
+Every error knows the HTTP status it should become (``status_hint``) and a stable ``reason``
+id that appears in logs, metrics and on error pages, so an operator can grep for it. Messages
+are written for the person who has to act on them; they never contain tokens or secrets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+    status_hint: int = 500
+    reason: str = "internal_error"
+
+    def __init__(self, message: str, *, reason: str | None = None, status_hint: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        if status_hint is not None:
+            self.status_hint = status_hint
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One problem in a config file: where (``routes[1].match.path``) and why."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(GatewayError):
+    """The configuration is invalid; carries every problem found, not just the first."""
+
+    reason = "config_invalid"
+
+    def __init__(self, problems: Sequence[ConfigProblem]):
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems) or "invalid configuration")
+
+
+class RequestError(GatewayError):
+    """An error that ends one request with an error answer."""
+
+    status_hint = 400
+    reason = "bad_request"
+
+
+class BadRequest(RequestError):
+    status_hint = 400
+    reason = "bad_request"
+
+
+class HeadersTooLarge(RequestError):
+    status_hint = 431
+    reason = "headers_too_large"
+
+
+class NotFound(RequestError):
+    status_hint = 404
+    reason = "no_route"
+
+
+class NotAuthenticated(RequestError):
+    status_hint = 401
+    reason = "unauthenticated"
+
+
+class Forbidden(RequestError):
+    status_hint = 403
+    reason = "forbidden"
+
+
+class BadRedirect(RequestError):
+    status_hint = 400
+    reason = "bad_redirect"
+
+
+class OIDCError(RequestError):
+    """The login could not be completed: the provider said no, or sent something invalid.
+
+    ``status_hint`` is 400 for problems with the browser's request (stale state), 401 when the
+    provider's answer fails validation, 502/504 when the provider is broken or unreachable.
+    """
+
+    status_hint = 401
+    reason = "oidc_error"
+
+
+class UnknownSigningKey(OIDCError):
+    """The ID token names a key (``kid``) that is not in the JWKS we hold: maybe a rotation."""
+
+    reason = "unknown_signing_key"
+
+
+class ProviderUnavailable(OIDCError):
+    status_hint = 503
+    reason = "provider_unavailable"
+
+
+class SessionStoreError(RequestError):
+    """The session store cannot be reached or answered garbage: fail closed with 503."""
+
+    status_hint = 503
+    reason = "session_store_unavailable"
+
+
+class UpstreamError(RequestError):
+    status_hint = 502
+    reason = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status_hint = 504
+    reason = "upstream_timeout"

@@ -1,0 +1,76 @@
+"""Frozen value types shared by the core, the adapters and the wiring.
+
+They hold no behaviour beyond trivial properties, so every layer may import them.
+Times are float seconds since the epoch; the caller supplies ``now``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who the user is, as taken from the validated ID token (and userinfo)."""
+
+    sub: str
+    user: str
+    email: str | None = None
+    email_verified: bool | None = None
+    groups: tuple[str, ...] = ()
+    preferred_username: str | None = None
+    # Merged ID token + userinfo claims, for `allow.claims` rules. JSON-compatible values only.
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    """Tokens from the provider's token endpoint. Never logged, never sent to the browser."""
+
+    id_token: str
+    access_token: str | None = None
+    refresh_token: str | None = None
+    token_type: str = "Bearer"
+    expires_at: float | None = None  # access token expiry, absolute
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A signed-in browser session, as kept (sealed) in the session store."""
+
+    identity: Identity
+    tokens: TokenSet
+    created_at: float
+    last_seen: float
+    expires_at: float  # hard end: created_at + session.lifetime
+    issuer: str
+    sid: str | None = None  # the provider's session id, when the ID token carries one
+
+
+@dataclass(frozen=True, slots=True)
+class LoginState:
+    """What a login needs between /oauth2/start and /oauth2/callback. Single use, short-lived."""
+
+    state: str
+    nonce: str
+    code_verifier: str
+    target: str  # where the browser goes after login: a path, or an absolute URL on a known host
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """The content of the session cookie: which session, and the secret that opens it."""
+
+    session_id: str
+    secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy's answer for one request; ``reason`` is logged either way."""
+
+    allowed: bool
+    reason: str
