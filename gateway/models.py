@@ -32,7 +32,7 @@ class TokenSet:
     id_token: str
     access_token: str | None = None
     refresh_token: str | None = None
-    token_type: str = "Bearer"
+    token_type: str = "Bearer"  # noqa: S105 - a token type name, not a secret
     expires_at: float | None = None  # access token expiry, absolute
 
 

@@ -1,0 +1,570 @@
+"""The configuration model: one YAML file, validated once, every problem reported with its path.
+
+Pure: this module parses text it is given and reads the environment mapping it is given; the CLI
+is the only place that opens files or looks at ``os.environ``. Unknown keys are errors, because a
+typo such as ``alow:`` must never silently drop an access rule.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from gateway.errors import ConfigError, ConfigProblem
+
+# ---------------------------------------------------------------------------------------------
+# Scalar types
+# ---------------------------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """``12h``, ``1h30m``, ``45s``, ``500ms`` or a plain number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 30s, 15m, 12h or 1h30m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        pos, seconds = 0, 0.0
+        for m in _DURATION_PART.finditer(text):
+            if m.start() != pos:
+                break
+            seconds += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            pos = m.end()
+        if not text or pos != len(text):
+            try:
+                seconds = float(text)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not a duration; use a number with a unit: 30s, 15m, 12h, 1h30m"
+                ) from None
+    else:
+        raise ValueError("must be a duration such as 30s, 15m, 12h or 1h30m")
+    if seconds <= 0:
+        raise ValueError("must be longer than zero")
+    return seconds
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"},
+                {"type": "number", "exclusiveMinimum": 0},
+            ],
+            "description": "a duration: 30s, 15m, 12h, 1h30m, or seconds as a number",
+        }
+    ),
+]
+
+
+def decode_session_key(value: str) -> bytes:
+    """A ``session.keys`` entry: standard or URL-safe base64 of exactly 32 bytes."""
+    text = value.strip().replace("-", "+").replace("_", "/")
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not base64; make a key with `oidc-gateway gen-key`") from None
+    if len(raw) != 32:
+        raise ValueError(
+            f"must be base64 of 32 bytes, got {len(raw)} bytes; "
+            "make a key with `oidc-gateway gen-key`"
+        )
+    return raw
+
+
+def _check_http_url(value: str, *, allow_path: bool) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    if parts.username or parts.password:
+        raise ValueError("must not contain credentials")
+    if not allow_path and parts.path not in ("", "/"):
+        raise ValueError("must be an origin only (scheme, host and port), without a path")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    return value
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port``, ``[::1]:port`` or ``:port`` (all interfaces) → (host, port)."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{value!r} is not host:port (IPv6 as [::1]:4180)")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{value!r} is not host:port, e.g. 0.0.0.0:4180 or 127.0.0.1:4180")
+        if ":" in host:
+            raise ValueError("write an IPv6 address in brackets, e.g. [::1]:4180")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"port {port!r} must be a number from 1 to 65535")
+    return host or "0.0.0.0", int(port)  # noqa: S104 - ":4180" means every interface, by request
+
+
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+# Signing algorithms accepted for ID tokens unless the config narrows or widens them.
+# `none` is never accepted; HMAC (HS*) only when listed explicitly (security note 2).
+DEFAULT_ALGORITHMS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+)
+KNOWN_ALGORITHMS = frozenset({*DEFAULT_ALGORITHMS, "HS256", "HS384", "HS512", "EdDSA"})
+
+# Identity headers set by other gateways that apps often trust (security note 16): stripped
+# from every request besides our own. `*` matches any suffix.
+DEFAULT_STRIP_HEADERS = (
+    "X-Auth-Request-*",
+    "Remote-User",
+    "Remote-Email",
+    "Remote-Groups",
+    "Remote-Name",
+    "X-Remote-User",
+    "X-WebAuth-User",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+class ServerConfig(_Model):
+    """Where the gateway listens and which peers' forwarding headers it believes."""
+
+    listen: str = Field("0.0.0.0:4180", description="host:port to serve on")
+    public_url: str | None = Field(
+        None,
+        description="External origin (https://apps.example.com); else Host + trusted X-Forwarded-*",
+    )
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
+        (), description="CIDRs whose X-Forwarded-* headers are believed"
+    )
+    prefix: str = Field("/oauth2", description="path prefix of the gateway's own endpoints")
+    strip_headers: tuple[str, ...] = Field(
+        DEFAULT_STRIP_HEADERS,
+        description="other proxies' identity headers removed from every request (* = any suffix)",
+    )
+    max_header_count: int = Field(100, ge=10, le=1000)
+    max_header_bytes: int = Field(16384, ge=1024, le=65536)
+    keepalive_timeout: Duration = 15.0
+    shutdown_timeout: Duration = 10.0
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str | None) -> str | None:
+        return None if v is None else _check_http_url(v, allow_path=False).rstrip("/")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, v: object) -> object:
+        if isinstance(v, list | tuple):
+            out = []
+            for item in v:
+                try:
+                    out.append(ipaddress.ip_network(str(item), strict=False))
+                except ValueError:
+                    raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+            return tuple(out)
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", v):
+            raise ValueError('must start with "/" and be a plain path like /oauth2')
+        return v
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+class ClaimsConfig(_Model):
+    """Which claims become the user, email and groups identity."""
+
+    user: str = Field("preferred_username", description="falls back to sub when absent")
+    email: str = "email"
+    groups: str = "groups"
+
+
+class ProviderConfig(_Model):
+    """The OpenID Connect provider and this gateway's client registration there."""
+
+    issuer: str = Field(description="issuer URL; discovery at /.well-known/openid-configuration")
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr
+    scopes: tuple[str, ...] = ("openid", "email", "profile")
+    token_endpoint_auth: Literal["client_secret_basic", "client_secret_post"] = (
+        "client_secret_basic"  # noqa: S105 - the method's name, not a password
+    )
+    claims: ClaimsConfig = ClaimsConfig()
+    algorithms: tuple[str, ...] = Field(
+        DEFAULT_ALGORITHMS, description="ID token signing algorithms accepted; never none"
+    )
+    leeway: Duration = Field(60.0, description="clock skew tolerated on exp/iat")
+    userinfo: bool = Field(True, description="fetch userinfo after login when offered")
+    timeout: Duration = Field(10.0, description="timeout of each call to the provider")
+    jwks_refetch_interval: Duration = Field(
+        30.0, description="at most one JWKS refetch per interval on an unknown kid"
+    )
+    redirect_url: str | None = Field(
+        None, description="callback URL registered at the provider; default public_url + prefix"
+    )
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, v: str) -> str:
+        return _check_http_url(v, allow_path=True)
+
+    @field_validator("redirect_url")
+    @classmethod
+    def _redirect(cls, v: str | None) -> str | None:
+        return None if v is None else _check_http_url(v, allow_path=True)
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value():
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if "openid" not in v:
+            raise ValueError('must include "openid"')
+        return v
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must list at least one algorithm")
+        for alg in v:
+            if alg.lower() == "none":
+                raise ValueError('"none" is never accepted: unsigned ID tokens prove nothing')
+            if alg not in KNOWN_ALGORITHMS:
+                raise ValueError(f"unknown algorithm {alg!r}; known: {sorted(KNOWN_ALGORITHMS)}")
+        return v
+
+
+class CookieConfig(_Model):
+    name: str = "_oidc_gateway"
+    secure: bool = Field(True, description="false only for plain-http development")
+    samesite: Literal["lax", "strict"] = "lax"
+    domain: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", v):
+            raise ValueError("must be 1-64 letters, digits, _ or -")
+        return v
+
+
+class SessionConfig(_Model):
+    store: Literal["redis", "memory"] = Field(
+        "redis", description="memory keeps sessions in one process only"
+    )
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "oidcgw:"
+    redis_timeout: Duration = Field(1.0, description="connect and command timeout for Redis")
+    cookie: CookieConfig = CookieConfig()
+    lifetime: Duration = 12 * 3600.0
+    idle_timeout: Duration = 3600.0
+    keys: tuple[SecretStr, ...] = Field(
+        min_length=1, description="base64 32-byte keys; the first seals, all open (rotation)"
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+    @field_validator("keys")
+    @classmethod
+    def _keys(cls, v: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for i, key in enumerate(v):
+            try:
+                decode_session_key(key.get_secret_value())
+            except ValueError as exc:
+                raise ValueError(f"[{i}] {exc}") from None
+        return v
+
+    @property
+    def key_bytes(self) -> tuple[bytes, ...]:
+        return tuple(decode_session_key(k.get_secret_value()) for k in self.keys)
+
+
+ClaimValue = str | int | bool
+
+
+class AllowConfig(_Model):
+    """Who may use a route: any one matching rule admits."""
+
+    users: tuple[str, ...] = ()
+    emails: tuple[str, ...] = ()
+    email_domains: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    claims: dict[str, tuple[ClaimValue, ...]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> AllowConfig:
+        if not (self.users or self.emails or self.email_domains or self.groups or self.claims):
+            raise ValueError(
+                "names no rule, so it would admit nobody; list users, emails, email_domains, "
+                "groups or claims, or remove allow to admit every signed-in user"
+            )
+        return self
+
+    @field_validator("email_domains")
+    @classmethod
+    def _domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for d in v:
+            if "@" in d or not d or d.startswith("."):
+                raise ValueError(f"{d!r} must be a bare domain such as example.com")
+        return tuple(d.lower() for d in v)
+
+
+_HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+
+
+class MatchConfig(_Model):
+    host: str | None = Field(None, description="exact host or *.example.com; none = any host")
+    path: str = Field("/", description="path prefix, matched at segment boundaries")
+    methods: tuple[str, ...] | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        host = v.lower()
+        bare = host[2:] if host.startswith("*.") else host
+        if not _HOST_NAME.fullmatch(bare):
+            raise ValueError(f"{v!r} is not a host name (a wildcard is written *.example.com)")
+        return host
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError('must start with "/"')
+        if any(c in v for c in "?#%\\") or "/../" in v + "/" or "/./" in v + "/":
+            raise ValueError("must be a plain path prefix without ?, #, %, \\ or dot-segments")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("must list at least one method, or be left out to match any")
+        out = tuple(m.upper() for m in v)
+        for m in out:
+            if m not in HTTP_METHODS:
+                raise ValueError(f"{m!r} is not an HTTP method")
+        return out
+
+
+class RouteConfig(_Model):
+    name: str = Field(min_length=1)
+    match: MatchConfig = MatchConfig()
+    upstream: str = Field(description="origin of the app: http://127.0.0.1:8080")
+    auth: Literal["required", "public"] = "required"
+    allow: AllowConfig | None = None
+    pass_access_token: bool = False
+    pass_host_header: bool = Field(True, description="send the client's Host to the upstream")
+    timeout: Duration = Field(30.0, description="upstream answer deadline (504 after)")
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, v: str) -> str:
+        return _check_http_url(v, allow_path=False).rstrip("/")
+
+    @model_validator(mode="after")
+    def _public_has_no_allow(self) -> RouteConfig:
+        if self.auth == "public" and self.allow is not None:
+            raise ValueError("a public route admits everyone; remove allow or set auth: required")
+        return self
+
+
+class LoggingConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    access_log: bool = True
+
+
+class Config(_Model):
+    """The whole gateway configuration (``version: 1``)."""
+
+    version: Literal[1]
+    server: ServerConfig = ServerConfig()
+    provider: ProviderConfig
+    session: SessionConfig
+    routes: tuple[RouteConfig, ...] = Field(min_length=1)
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_names(cls, v: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
+        seen: set[str] = set()
+        for r in v:
+            if r.name in seen:
+                raise ValueError(f"route name {r.name!r} is used twice")
+            seen.add(r.name)
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def format_path(loc: Sequence[str | int]) -> str:
+    """("routes", 1, "match", "path") → ``routes[1].match.path``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _expand(node: Any, env: Mapping[str, str], loc: tuple[str | int, ...],
+            problems: list[ConfigProblem]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand(v, env, (*loc, str(k)), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, env, (*loc, i), problems) for i, v in enumerate(node)]
+    if isinstance(node, str) and "$" in node:
+
+        def repl(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            name, default = m.group(1), m.group(2)
+            value = env.get(name)
+            if value is None or (value == "" and default is not None):
+                if default is not None:
+                    return default
+                problems.append(
+                    ConfigProblem(
+                        format_path(loc), f"environment variable {name} is not set"
+                    )
+                )
+                return ""
+            return value
+
+        return _ENV_REF.sub(repl, node)
+    return node
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "too_short":
+        return "must list at least one entry"
+    msg = str(err.get("msg", "invalid"))
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    if kind == "literal_error":
+        ctx = err.get("ctx") or {}
+        msg = f"must be one of {ctx.get('expected', '')}"
+    return msg
+
+
+def _problems(exc: ValidationError) -> list[ConfigProblem]:
+    out = []
+    for err in exc.errors(include_url=False):
+        # Skip pydantic's internal union/function tags so paths read like the YAML.
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        out.append(ConfigProblem(format_path(loc), _message(err)))
+    return out
+
+
+def parse_config(data: Any, env: Mapping[str, str]) -> Config:
+    """Validate already-parsed YAML data; raise ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem("", "the config must be a YAML mapping (key: value)")])
+    problems: list[ConfigProblem] = []
+    expanded = _expand(data, env, (), problems)
+    try:
+        config = Config.model_validate(expanded)
+    except ValidationError as exc:
+        problems.extend(_problems(exc))
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load_config(text: str, env: Mapping[str, str]) -> Config:
+    """Parse YAML text (safe loader only) and validate it."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigProblem("", f"YAML syntax error at {where}{problem}")]) from None
+    return parse_config(data, env)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the config file, for editors and CI linting."""
+    schema = Config.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "oidc-gateway configuration"
+    return schema
