@@ -93,6 +93,8 @@ class OIDCError(RequestError):
 
     status_hint = 401
     reason = "oidc_error"
+    # Where "try again" should lead: the page the user wanted when the login started.
+    retry_target: str = "/"
 
 
 class UnknownSigningKey(OIDCError):
