@@ -1,0 +1,412 @@
+"""The identity provider adapter: the I/O around the sans-IO core in :mod:`gateway.oidc`.
+
+Loads discovery and the JWKS (retrying with backoff while the provider is down), exchanges
+authorization codes, refreshes tokens, fetches userinfo, and validates ID tokens with a JWKS
+cache that is refetched at most once per ``provider.jwks_refetch_interval`` when a token names
+an unknown key (security note 4).
+
+Every call to the provider has ``provider.timeout``; a timeout becomes ``OIDCError`` 504
+(``provider_timeout``), a connection failure 502 (``provider_unreachable``). Tokens are never
+logged: log lines name URLs, statuses and reasons only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import aiohttp
+
+from gateway import oidc
+from gateway.config import ProviderConfig
+from gateway.errors import OIDCError, ProviderUnavailable, UnknownSigningKey
+from gateway.models import Identity, LoginState, TokenSet
+
+__all__ = ["IdentityProvider"]
+
+log = logging.getLogger(__name__)
+
+# The provider's answers are small JSON documents; a bigger one is a fault, not data.
+MAX_RESPONSE_BYTES: Final = 1024 * 1024
+
+
+class IdentityProvider:
+    """One OpenID Connect provider, as configured in ``provider:``.
+
+    Not ready until :meth:`load` has succeeded once; :meth:`run_loader` keeps trying in the
+    background so the gateway can serve (with ``/ready`` false) while the provider is down.
+    """
+
+    def __init__(
+        self,
+        config: ProviderConfig,
+        http: aiohttp.ClientSession,
+        *,
+        clock: Callable[[], float] = time.time,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 30.0,
+    ) -> None:
+        self.config = config
+        self._http = http
+        self._clock = clock
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._meta: oidc.ProviderMetadata | None = None
+        self._keys = oidc.KeySet()
+        self._algorithms: tuple[str, ...] = ()
+        # Unknown-kid refetches: when the last one was tried, and a generation counter so
+        # that callers queued behind a refetch retry with its result instead of fetching again.
+        self._last_refetch: float | None = None
+        self._jwks_generation = 0
+        self._jwks_lock = asyncio.Lock()
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def ready(self) -> bool:
+        """Whether discovery and the JWKS have been loaded."""
+        return self._meta is not None
+
+    @property
+    def metadata(self) -> oidc.ProviderMetadata:
+        """The provider's metadata; ProviderUnavailable until :meth:`load` succeeded."""
+        if self._meta is None:
+            raise ProviderUnavailable(
+                "The sign-in service has not been reached yet. Try again in a minute."
+            )
+        return self._meta
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """ID token algorithms accepted: provider.algorithms ∩ the provider's announced ones."""
+        return self._algorithms
+
+    @property
+    def keys(self) -> oidc.KeySet:
+        return self._keys
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        what: str,
+    ) -> tuple[int, bytes]:
+        """Send one request to the provider and read its (capped) answer."""
+        try:
+            async with self._http.request(
+                method,
+                url,
+                headers=dict(headers or {}),
+                data=body,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                data = bytearray()
+                while chunk := await resp.content.read(65536):
+                    data += chunk
+                    if len(data) > MAX_RESPONSE_BYTES:
+                        raise OIDCError(
+                            f"The {what} at {url} answered more than {MAX_RESPONSE_BYTES} bytes.",
+                            reason="provider_error",
+                            status_hint=502,
+                        )
+                return resp.status, bytes(data)
+        except TimeoutError:
+            raise OIDCError(
+                f"The {what} at {url} did not answer within {self.config.timeout:g}s.",
+                reason="provider_timeout",
+                status_hint=504,
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise OIDCError(
+                f"The {what} at {url} cannot be reached: {_describe(exc)}.",
+                reason="provider_unreachable",
+                status_hint=502,
+            ) from None
+
+    async def _send(self, spec: oidc.HttpRequestSpec, *, what: str) -> tuple[int, bytes]:
+        return await self._request(
+            spec.method, spec.url, headers=dict(spec.headers), body=spec.body(), what=what
+        )
+
+    async def _get_document(self, url: str, *, what: str) -> bytes:
+        """GET a discovery document or JWKS; anything but 200 raises ProviderUnavailable."""
+        try:
+            status, body = await self._request(
+                "GET", url, headers={"Accept": "application/json"}, what=what
+            )
+        except OIDCError as exc:
+            raise ProviderUnavailable(exc.message) from None
+        if status != 200:
+            raise ProviderUnavailable(f"The {what} at {url} answered HTTP {status}, not 200.")
+        return body
+
+    # ------------------------------------------------------------------ loading
+
+    async def load(self) -> oidc.ProviderMetadata:
+        """Fetch discovery and the JWKS; on any problem raise ProviderUnavailable saying what."""
+        cfg = self.config
+        url = oidc.discovery_url(cfg.issuer)
+        body = await self._get_document(url, what="discovery document")
+        try:
+            meta = oidc.parse_discovery(body, expected_issuer=cfg.issuer)
+        except OIDCError as exc:
+            raise ProviderUnavailable(
+                f"The discovery document at {url} is unusable: {exc.message}"
+            ) from None
+        algorithms = tuple(
+            a for a in cfg.algorithms if a in meta.id_token_signing_alg_values_supported
+        )
+        if not algorithms:
+            raise ProviderUnavailable(
+                "The provider signs ID tokens with "
+                f"{', '.join(meta.id_token_signing_alg_values_supported) or 'nothing announced'}"
+                f", but provider.algorithms allows only {', '.join(cfg.algorithms)}; "
+                "allow one of the provider's algorithms."
+            )
+        keys = await self._fetch_jwks(meta.jwks_uri)
+        if not any(a.startswith("HS") or keys.usable_for(a) for a in algorithms):
+            raise ProviderUnavailable(
+                f"The JWKS at {meta.jwks_uri} holds no key usable for "
+                f"{', '.join(algorithms)} ({len(keys)} usable signing keys in all)."
+            )
+        if cfg.token_endpoint_auth not in meta.token_endpoint_auth_methods_supported:
+            log.warning(
+                "provider does not announce token endpoint auth method %s (it announces %s); "
+                "trying it anyway",
+                cfg.token_endpoint_auth,
+                ", ".join(meta.token_endpoint_auth_methods_supported),
+            )
+        if meta.code_challenge_methods_supported and (
+            "S256" not in meta.code_challenge_methods_supported
+        ):
+            log.warning("provider does not announce PKCE S256; sending it anyway")
+        self._keys = keys
+        self._jwks_generation += 1
+        self._algorithms = algorithms
+        self._meta = meta
+        log.info(
+            "provider loaded",
+            extra={"issuer": meta.issuer, "algorithms": list(algorithms), "keys": len(keys)},
+        )
+        return meta
+
+    async def _fetch_jwks(self, url: str) -> oidc.KeySet:
+        body = await self._get_document(url, what="JWKS")
+        try:
+            return oidc.parse_jwks(body)
+        except OIDCError as exc:
+            raise ProviderUnavailable(f"The JWKS at {url} is unusable: {exc.message}") from None
+
+    async def run_loader(self) -> None:
+        """Retry :meth:`load` with exponential backoff until it succeeds (a background task)."""
+        delay = self._backoff_initial
+        while True:
+            try:
+                await self.load()
+            except ProviderUnavailable as exc:
+                log.warning(
+                    "provider not available, retrying in %gs: %s",
+                    delay,
+                    exc.message,
+                    extra={"reason": exc.reason},
+                )
+            except Exception:
+                log.exception("loading the provider failed unexpectedly; retrying in %gs", delay)
+            else:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._backoff_max)
+
+    async def _refetch_jwks(self, generation: int) -> bool:
+        """Refetch the JWKS after an unknown kid, at most once per jwks_refetch_interval.
+
+        Returns True when the caller should retry with new keys: this call fetched them, or
+        another caller did while this one waited.
+        """
+        async with self._jwks_lock:
+            if self._jwks_generation != generation:
+                return True
+            now = self._clock()
+            if (
+                self._last_refetch is not None
+                and now - self._last_refetch < self.config.jwks_refetch_interval
+            ):
+                return False
+            self._last_refetch = now
+            uri = self.metadata.jwks_uri
+            try:
+                keys = await self._fetch_jwks(uri)
+            except ProviderUnavailable as exc:
+                log.warning("JWKS refetch failed: %s", exc.message)
+                return False
+            self._keys = keys
+            self._jwks_generation += 1
+            log.info("JWKS refetched after an unknown key id", extra={"keys": len(keys)})
+            return True
+
+    # ------------------------------------------------------------------ login
+
+    def authorization_url(self, login: LoginState, redirect_uri: str) -> str:
+        return oidc.authorization_url(
+            self.metadata,
+            client_id=self.config.client_id,
+            redirect_uri=redirect_uri,
+            scopes=self.config.scopes,
+            login=login,
+        )
+
+    async def exchange_code(self, code: str, *, redirect_uri: str, code_verifier: str) -> TokenSet:
+        """Redeem an authorization code at the token endpoint."""
+        spec = oidc.token_request(
+            self.metadata,
+            code=code,
+            redirect_uri=redirect_uri,
+            code_verifier=code_verifier,
+            client_id=self.config.client_id,
+            client_secret=self.config.client_secret.get_secret_value(),
+            auth_method=self.config.token_endpoint_auth,
+        )
+        status, body = await self._send(spec, what="token endpoint")
+        return oidc.parse_token_response(status, body, now=self._clock())
+
+    async def refresh(self, tokens: TokenSet, *, sub: str) -> TokenSet:
+        """Refresh ``tokens`` (OIDC Core §12); a new ID token must be for the same ``sub``.
+
+        The answer keeps the old ID token and refresh token when the provider sends none.
+        """
+        if tokens.refresh_token is None:
+            raise OIDCError(
+                "The session has no refresh token.", reason="refresh_unavailable", status_hint=401
+            )
+        spec = oidc.refresh_request(
+            self.metadata,
+            refresh_token=tokens.refresh_token,
+            client_id=self.config.client_id,
+            client_secret=self.config.client_secret.get_secret_value(),
+            auth_method=self.config.token_endpoint_auth,
+        )
+        status, body = await self._send(spec, what="token endpoint")
+        fresh = oidc.parse_token_response(status, body, now=self._clock(), require_id_token=False)
+        if fresh.id_token:
+            # §12.2: iss, sub and aud as at login; no nonce check (none was sent).
+            claims = await self.validate_id_token(fresh.id_token, nonce=None)
+            if claims.get("sub") != sub:
+                raise OIDCError(
+                    "The refreshed ID token is for another subject.",
+                    reason="id_token_invalid",
+                    status_hint=401,
+                )
+        return TokenSet(
+            id_token=fresh.id_token or tokens.id_token,
+            access_token=fresh.access_token,
+            refresh_token=fresh.refresh_token or tokens.refresh_token,
+            token_type=fresh.token_type,
+            expires_at=fresh.expires_at,
+        )
+
+    async def validate_id_token(
+        self, id_token: str, *, nonce: str | None, max_age: float | None = None
+    ) -> dict[str, Any]:
+        """Validate an ID token; an unknown kid triggers one (throttled) JWKS refetch."""
+        meta = self.metadata
+        for attempt in range(2):
+            generation = self._jwks_generation
+            try:
+                return oidc.validate_id_token(
+                    id_token,
+                    keys=self._keys,
+                    issuer=meta.issuer,
+                    client_id=self.config.client_id,
+                    nonce=nonce,
+                    algorithms=self._algorithms,
+                    leeway=self.config.leeway,
+                    now=self._clock(),
+                    max_age=max_age,
+                    client_secret=self.config.client_secret.get_secret_value(),
+                )
+            except UnknownSigningKey:
+                if attempt or not await self._refetch_jwks(generation):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def userinfo(self, access_token: str | None) -> dict[str, Any] | None:
+        """The userinfo claims, or None when disabled, not offered, or without access token."""
+        endpoint = self.metadata.userinfo_endpoint
+        if not self.config.userinfo or endpoint is None or not access_token:
+            return None
+        status, body = await self._request(
+            "GET",
+            endpoint,
+            headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
+            what="userinfo endpoint",
+        )
+        if status != 200:
+            raise OIDCError(
+                f"The userinfo endpoint at {endpoint} answered HTTP {status}.",
+                reason="userinfo_error",
+                status_hint=502,
+            )
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+        if not isinstance(doc, dict):
+            raise OIDCError(
+                f"The userinfo endpoint at {endpoint} answered something other than a JSON "
+                "object (signed or encrypted userinfo is not supported).",
+                reason="userinfo_error",
+                status_hint=502,
+            )
+        return doc
+
+    async def complete_login(
+        self, query: Mapping[str, str], login: LoginState, *, redirect_uri: str
+    ) -> tuple[Identity, TokenSet, dict[str, Any]]:
+        """Finish a login from the callback query: code → tokens → validated identity.
+
+        Returns the identity, the tokens and the validated ID token claims.
+        """
+        if not oidc.states_match(query.get("state", ""), login.state):
+            raise OIDCError(
+                "The sign-in answer does not belong to this sign-in. Start again.",
+                reason="state_mismatch",
+                status_hint=400,
+            )
+        code = oidc.parse_callback(query, meta=self.metadata)
+        tokens = await self.exchange_code(
+            code, redirect_uri=redirect_uri, code_verifier=login.code_verifier
+        )
+        claims = await self.validate_id_token(tokens.id_token, nonce=login.nonce)
+        info = await self.userinfo(tokens.access_token)
+        identity = oidc.identity_from_claims(claims, userinfo=info, claims=self.config.claims)
+        return identity, tokens, claims
+
+    def end_session_url(
+        self, *, id_token_hint: str, post_logout_redirect_uri: str | None
+    ) -> str | None:
+        """Where to send the browser to end its session at the provider (None if unsupported)."""
+        if self._meta is None:
+            return None
+        return oidc.end_session_url(
+            self._meta,
+            id_token_hint=id_token_hint,
+            post_logout_redirect_uri=post_logout_redirect_uri,
+            client_id=self.config.client_id,
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    """A short operator-facing description of a client error (no request data in it)."""
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
