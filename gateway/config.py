@@ -10,13 +10,15 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -35,6 +37,7 @@ from gateway.errors import ConfigError, ConfigProblem
 # ---------------------------------------------------------------------------------------------
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_PLAIN_SECONDS = re.compile(r"\d+(?:\.\d+)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -53,14 +56,17 @@ def parse_duration(value: object) -> float:
             seconds += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
             pos = m.end()
         if not text or pos != len(text):
-            try:
-                seconds = float(text)
-            except ValueError:
+            # Only plain decimal seconds ("45", "2.5"): float() alone would also take "nan",
+            # "inf", "1e3" and "1_0".
+            if not _PLAIN_SECONDS.fullmatch(text):
                 raise ValueError(
                     f"{value!r} is not a duration; use a number with a unit: 30s, 15m, 12h, 1h30m"
-                ) from None
+                )
+            seconds = float(text)
     else:
         raise ValueError("must be a duration such as 30s, 15m, 12h or 1h30m")
+    if not math.isfinite(seconds):
+        raise ValueError("must be a finite duration such as 30s, 15m, 12h or 1h30m")
     if seconds <= 0:
         raise ValueError("must be longer than zero")
     return seconds
@@ -72,7 +78,7 @@ Duration = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"},
+                {"type": "string", "pattern": r"^((\d+(\.\d+)?(ms|s|m|h|d))+|\d+(\.\d+)?)$"},
                 {"type": "number", "exclusiveMinimum": 0},
             ],
             "description": "a duration: 30s, 15m, 12h, 1h30m, or seconds as a number",
@@ -94,6 +100,44 @@ def decode_session_key(value: str) -> bytes:
             "make a key with `oidc-gateway gen-key`"
         )
     return raw
+
+
+def _network(value: object) -> object:
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or CIDR") from None
+
+
+# One trusted proxy: an address or CIDR. Validated per item so an error reads
+# ``server.trusted_proxies[1]``.
+Network = Annotated[
+    ipaddress.IPv4Network | ipaddress.IPv6Network,
+    BeforeValidator(_network),
+    WithJsonSchema({"type": "string", "description": "an IP address or CIDR: 10.0.0.0/8, ::1"}),
+]
+
+
+def _session_key(value: SecretStr) -> SecretStr:
+    decode_session_key(value.get_secret_value())
+    return value
+
+
+# One ``session.keys`` entry, validated per item so an error reads ``session.keys[1]``.
+SessionKey = Annotated[SecretStr, AfterValidator(_session_key)]
+
+
+def _claim_value(value: object) -> object:
+    if not isinstance(value, str | int | bool):
+        raise ValueError("must be a string, a whole number or true/false")
+    return value
+
+
+# One accepted claim value. Checked up front so a wrong type gives one problem, not one per
+# member of the union.
+ClaimValue = Annotated[str | int | bool, BeforeValidator(_claim_value)]
 
 
 def _check_http_url(value: str, *, allow_path: bool) -> str:
@@ -120,13 +164,17 @@ def parse_listen(value: str) -> tuple[str, int]:
         host, sep, port = text[1:].partition("]:")
         if not sep:
             raise ValueError(f"{value!r} is not host:port (IPv6 as [::1]:4180)")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
     else:
         host, sep, port = text.rpartition(":")
         if not sep:
             raise ValueError(f"{value!r} is not host:port, e.g. 0.0.0.0:4180 or 127.0.0.1:4180")
         if ":" in host:
             raise ValueError("write an IPv6 address in brackets, e.g. [::1]:4180")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"port {port!r} must be a number from 1 to 65535")
     return host or "0.0.0.0", int(port)  # noqa: S104 - ":4180" means every interface, by request
 
@@ -172,7 +220,7 @@ class ServerConfig(_Model):
         None,
         description="External origin (https://apps.example.com); else Host + trusted X-Forwarded-*",
     )
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
+    trusted_proxies: tuple[Network, ...] = Field(
         (), description="CIDRs whose X-Forwarded-* headers are believed"
     )
     prefix: str = Field("/oauth2", description="path prefix of the gateway's own endpoints")
@@ -196,17 +244,16 @@ class ServerConfig(_Model):
     def _public_url(cls, v: str | None) -> str | None:
         return None if v is None else _check_http_url(v, allow_path=False).rstrip("/")
 
-    @field_validator("trusted_proxies", mode="before")
+    @field_validator("strip_headers")
     @classmethod
-    def _networks(cls, v: object) -> object:
-        if isinstance(v, list | tuple):
-            out = []
-            for item in v:
-                try:
-                    out.append(ipaddress.ip_network(str(item), strict=False))
-                except ValueError:
-                    raise ValueError(f"{item!r} is not an IP address or CIDR") from None
-            return tuple(out)
+    def _strip_headers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        # The proxy refuses a bare "*" at start-up; say so here, where `check` can report it.
+        for name in v:
+            if not re.fullmatch(r"[!#$%&'+.^_`|~0-9A-Za-z-]+\*?", name):
+                raise ValueError(
+                    f"{name!r} is not a header name, or a header-name prefix ending in * "
+                    "(X-Auth-Request-*); a bare * would remove every header"
+                )
         return v
 
     @field_validator("prefix")
@@ -308,13 +355,14 @@ class SessionConfig(_Model):
     store: Literal["redis", "memory"] = Field(
         "redis", description="memory keeps sessions in one process only"
     )
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Out of repr: a redis URL may carry a password (redis://:secret@host/0).
+    redis_url: str = Field("redis://127.0.0.1:6379/0", repr=False)
     key_prefix: str = "oidcgw:"
     redis_timeout: Duration = Field(1.0, description="connect and command timeout for Redis")
     cookie: CookieConfig = CookieConfig()
     lifetime: Duration = 12 * 3600.0
     idle_timeout: Duration = 3600.0
-    keys: tuple[SecretStr, ...] = Field(
+    keys: tuple[SessionKey, ...] = Field(
         min_length=1, description="base64 32-byte keys; the first seals, all open (rotation)"
     )
 
@@ -325,22 +373,9 @@ class SessionConfig(_Model):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return v
 
-    @field_validator("keys")
-    @classmethod
-    def _keys(cls, v: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        for i, key in enumerate(v):
-            try:
-                decode_session_key(key.get_secret_value())
-            except ValueError as exc:
-                raise ValueError(f"[{i}] {exc}") from None
-        return v
-
     @property
     def key_bytes(self) -> tuple[bytes, ...]:
         return tuple(decode_session_key(k.get_secret_value()) for k in self.keys)
-
-
-ClaimValue = str | int | bool
 
 
 class AllowConfig(_Model):
@@ -396,6 +431,8 @@ class MatchConfig(_Model):
             raise ValueError('must start with "/"')
         if any(c in v for c in "?#%\\") or "/../" in v + "/" or "/./" in v + "/":
             raise ValueError("must be a plain path prefix without ?, #, %, \\ or dot-segments")
+        if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in v):
+            raise ValueError("must not contain control characters")
         return v
 
     @field_validator("methods")
@@ -453,11 +490,13 @@ class Config(_Model):
     @field_validator("routes")
     @classmethod
     def _unique_names(cls, v: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
-        seen: set[str] = set()
-        for r in v:
+        seen: dict[str, int] = {}
+        for i, r in enumerate(v):
             if r.name in seen:
-                raise ValueError(f"route name {r.name!r} is used twice")
-            seen.add(r.name)
+                raise ValueError(
+                    f"route name {r.name!r} is used twice (routes[{seen[r.name]}] and routes[{i}])"
+                )
+            seen[r.name] = i
         return v
 
 
@@ -465,7 +504,10 @@ class Config(_Model):
 # Loading
 # ---------------------------------------------------------------------------------------------
 
-_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# `$$`, a good reference `${NAME}` / `${NAME:-default}`, or anything else starting with `${`
+# (a bad reference, reported rather than kept as literal text: `${SESSION_KEY:x}` or
+# `${OIDC-SECRET}` must not silently become the secret itself). Defaults do not nest.
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}$]*))?\}|\$\{[^}]*\}?")
 
 
 def format_path(loc: Sequence[str | int]) -> str:
@@ -491,6 +533,15 @@ def _expand(node: Any, env: Mapping[str, str], loc: tuple[str | int, ...],
             if m.group(0) == "$$":
                 return "$"
             name, default = m.group(1), m.group(2)
+            if name is None:
+                problems.append(
+                    ConfigProblem(
+                        format_path(loc),
+                        f"bad environment reference {m.group(0)!r}: write ${{NAME}} or "
+                        "${NAME:-default}, and $$ for a literal $",
+                    )
+                )
+                return ""
             value = env.get(name)
             if value is None or (value == "" and default is not None):
                 if default is not None:
@@ -507,14 +558,30 @@ def _expand(node: Any, env: Mapping[str, str], loc: tuple[str | int, ...],
     return node
 
 
+# pydantic error types whose stock message names Python types; said in the YAML's words instead.
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "too_short": "must list at least one entry",
+    "string_too_short": "must not be empty",
+    "model_type": "must be a mapping (key: value)",
+    "model_attributes_type": "must be a mapping (key: value)",
+    "dict_type": "must be a mapping (key: value)",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+}
+
+
 def _message(err: Mapping[str, Any]) -> str:
     kind = err.get("type", "")
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required key is missing"
-    if kind == "too_short":
-        return "must list at least one entry"
+    if kind in _MESSAGES:
+        return _MESSAGES[kind]
     msg = str(err.get("msg", "invalid"))
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
@@ -525,12 +592,34 @@ def _message(err: Mapping[str, Any]) -> str:
     return msg
 
 
-def _problems(exc: ValidationError) -> list[ConfigProblem]:
-    out = []
-    for err in exc.errors(include_url=False):
-        # Skip pydantic's internal union/function tags so paths read like the YAML.
-        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
-        out.append(ConfigProblem(format_path(loc), _message(err)))
+def _problems(exc: ValidationError, unset: set[str]) -> list[ConfigProblem]:
+    """Config problems from pydantic's errors.
+
+    ``unset`` holds the paths whose value came from a missing environment variable: that
+    problem is already reported, and a second one ("must not be empty") would only distract.
+    """
+    errors = exc.errors(include_url=False)
+    # Skip pydantic's internal union/function tags so paths read like the YAML.
+    locs = [
+        tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        for err in errors
+    ]
+    out: list[ConfigProblem] = []
+    for err, loc in zip(errors, locs, strict=True):
+        path = format_path(loc)
+        if err["type"] != "extra_forbidden" and any(
+            path == u or path.startswith((u + ".", u + "[")) for u in unset
+        ):
+            continue
+        # pydantic counts a list's length after dropping failed items: `keys: [bad]` would
+        # also read "must list at least one entry". The item's own problem says it all.
+        if err["type"] == "too_short" and any(
+            other[: len(loc)] == loc and len(other) > len(loc) for other in locs
+        ):
+            continue
+        problem = ConfigProblem(path, _message(err))
+        if problem not in out:
+            out.append(problem)
     return out
 
 
@@ -543,21 +632,52 @@ def parse_config(data: Any, env: Mapping[str, str]) -> Config:
     try:
         config = Config.model_validate(expanded)
     except ValidationError as exc:
-        problems.extend(_problems(exc))
+        problems.extend(_problems(exc, {p.path for p in problems}))
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
     return config
 
 
+class _Loader(yaml.SafeLoader):
+    """The safe loader, but a key given twice in one mapping is an error.
+
+    PyYAML keeps the last of duplicate keys silently, so a second ``allow:`` under a route
+    would drop the first one's rules unnoticed; YAML itself says keys must be unique.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` keys may be overridden on purpose
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable key: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"key {key!r} is given twice", key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(text: str, env: Mapping[str, str]) -> Config:
-    """Parse YAML text (safe loader only) and validate it."""
+    """Parse YAML text (safe loader only; duplicate keys are errors) and validate it."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        if context and problem.startswith("but "):
+            # PyYAML splits some messages in two: "expected a single document in the stream",
+            # "but found another document".
+            problem = f"{context}, {problem}"
         raise ConfigError([ConfigProblem("", f"YAML syntax error at {where}{problem}")]) from None
     return parse_config(data, env)
 
