@@ -406,7 +406,10 @@ class Gateway:
             self.login_cookie,
             base64.urlsafe_b64encode(binding).decode().rstrip("="),
             max_age=LOGIN_STATE_TTL,
-            path=self.prefix,
+            # "/" and not the prefix: a login may start on any path (the protected page itself),
+            # and the browser must send the cookie there to reuse it. It never reaches the
+            # upstream: the gateway's own cookies are stripped from every forwarded request.
+            path="/",
         )
         return response
 
