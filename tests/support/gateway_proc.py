@@ -39,7 +39,7 @@ def gateway_config(
     redis_url: str | None = None,
     key_prefix: str = "oidcgw:",
     session_key: str | None = None,
-    token_endpoint_auth: str = "client_secret_basic",
+    token_endpoint_auth: str = "client_secret_basic",  # noqa: S107 - a method name
     routes: list[dict[str, Any]] | None = None,
     session_extra: dict[str, Any] | None = None,
     provider_extra: dict[str, Any] | None = None,
@@ -104,11 +104,10 @@ class GatewayProcess:
         return self.proc.returncode
 
 
-async def start_gateway(
-    config: dict[str, Any], *, directory: Path, env: dict[str, str] | None = None,
-    wait_ready: bool = False,
+def spawn_gateway(
+    config: dict[str, Any], *, directory: Path, env: dict[str, str] | None = None
 ) -> GatewayProcess:
-    """Start a gateway and wait (bounded) until /ping answers, or /ready when asked."""
+    """Write the config and start ``python -m gateway run`` on it; does not wait."""
     port = int(config["server"]["listen"].rsplit(":", 1)[1])
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / f"gateway-{port}.yaml"
@@ -121,7 +120,16 @@ async def start_gateway(
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
-    gw = GatewayProcess(f"http://127.0.0.1:{port}", port, config_path, log_path, proc)
+    return GatewayProcess(f"http://127.0.0.1:{port}", port, config_path, log_path, proc)
+
+
+async def start_gateway(
+    config: dict[str, Any], *, directory: Path, env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+) -> GatewayProcess:
+    """Start a gateway and wait (bounded) until /ready answers 200, or /ping when told."""
+    gw = spawn_gateway(config, directory=directory, env=env)
+    proc = gw.proc
     probe = "/ready" if wait_ready else "/ping"
     deadline = time.monotonic() + START_DEADLINE
     async with aiohttp.ClientSession() as http:
