@@ -244,6 +244,62 @@ async def test_userinfo_endpoint(env: Env) -> None:
                     "groups": ["eng", "admins"], "preferred_username": "alice"}
 
 
+async def test_session_cookie_flags_and_a_new_session_id_at_every_login(env: Env) -> None:
+    port = free_port()
+    config = env.config(port)
+    gw = await env.start(config)
+    async with new_browser() as browser:
+        result = await browser_login(browser, f"{gw.url}/")
+        assert result.status == 200
+        first = gateway_cookie(browser)
+        # Log in again in the same browser: the old session id must not live on.
+        async with browser.get(f"{gw.url}/oauth2/start?rd=%2Fagain", headers=HTML,
+                               allow_redirects=False) as r:
+            assert r.status == 302
+            assert r.headers["Cache-Control"] == "no-store"
+        result = await browser_login(browser, f"{gw.url}/oauth2/start?rd=%2Fagain",
+                                     stop_before_callback=True)
+        assert result.callback_url
+        async with browser.get(result.callback_url, headers=HTML, allow_redirects=False) as r:
+            assert r.status == 302
+            assert r.headers["Location"] == "/again"
+            set_cookies = r.headers.getall("Set-Cookie")
+        second = gateway_cookie(browser)
+    assert first
+    assert second
+    assert first.split(".")[0] != second.split(".")[0]
+    callback = [h for h in set_cookies if h.startswith("_oidc_gateway=")]
+    assert len(callback) == 1
+    flags = {part.strip().split("=")[0].lower() for part in callback[0].split(";")[1:]}
+    assert {"httponly", "path", "samesite", "max-age"} <= flags
+    assert "samesite=lax" in callback[0].lower()
+    assert "path=/;" in callback[0].lower() + ";"
+    assert "domain" not in flags
+    assert "secure" not in flags  # this test config says cookie.secure: false (plain http)
+    async with aiohttp.ClientSession() as client:
+        headers = {"Cookie": f"_oidc_gateway={first}", "Accept": "application/json"}
+        async with client.get(f"{gw.url}/x", headers=headers, allow_redirects=False) as r:
+            assert r.status == 401
+
+
+async def test_idle_session_ends_server_side(env: Env) -> None:
+    port = free_port()
+    gw = await env.start(env.config(port, session_extra={"idle_timeout": "2s"}))
+    api = {"Accept": "application/json"}
+    async with new_browser() as browser:
+        assert (await browser_login(browser, f"{gw.url}/")).status == 200
+        # Activity keeps it alive past the idle timeout...
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            async with browser.get(f"{gw.url}/busy", headers=api, allow_redirects=False) as r:
+                assert r.status == 200
+            await asyncio.sleep(0.3)
+        # ...and silence ends it.
+        await asyncio.sleep(2.5)
+        async with browser.get(f"{gw.url}/idle", headers=api, allow_redirects=False) as r:
+            assert r.status == 401
+
+
 # ---------------------------------------------------------------------------------------------
 # Login state: single use, bound to the browser, parallel tabs
 # ---------------------------------------------------------------------------------------------
@@ -468,28 +524,43 @@ async def test_upstream_down_is_502_and_slow_upstream_is_504(env: Env) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_large_bodies_stream_both_ways_untouched(env: Env) -> None:
+def peak_rss_kib(pid: int) -> int:
+    """The process's high-water mark of resident memory (VmHWM), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc status")
+
+
+async def test_large_bodies_stream_both_ways_untouched_and_never_sit_in_memory(env: Env) -> None:
     port = free_port()
     gw = await env.start(env.config(port))
-    size = 32 * 1024 * 1024
+    size = 100 * 1024 * 1024
+    block = os.urandom(1024 * 1024)
     async with new_browser() as browser:
         await browser_login(browser, f"{gw.url}/")
+        baseline = peak_rss_kib(gw.proc.pid)
 
         async def chunks() -> AsyncIterator[bytes]:
-            block = os.urandom(1024 * 1024)
             for _ in range(size // len(block)):
                 yield block
 
-        digest = hashlib.sha256()
-        block = b""
-        async for part in chunks():
-            digest.update(part)
-            block = part
-        assert block
+        expected = hashlib.sha256(block * (size // len(block))).hexdigest()
         async with browser.post(f"{gw.url}/upload", data=chunks(), headers=HTML) as r:
             assert r.status == 200
             up = await r.json()
         assert up["size"] == size
+        assert up["sha256"] == expected
+        async with browser.get(f"{gw.url}/download?size={size}", headers=HTML) as r:
+            assert r.status == 200
+            assert r.headers["Content-Length"] == str(size)
+            received = 0
+            async for part in r.content.iter_chunked(1024 * 1024):
+                received += len(part)
+        assert received == size
+        # 200 MB went through; the gateway's peak memory grew by far less than one body.
+        grown_mib = (peak_rss_kib(gw.proc.pid) - baseline) / 1024
+        assert grown_mib < 32, f"gateway peak RSS grew by {grown_mib:.0f} MiB"
         # Gzip request bodies pass byte for byte (no decompression on the way).
         packed = gzip.compress(b"hello " * 1000)
         async with browser.post(f"{gw.url}/upload", data=packed,
@@ -497,12 +568,6 @@ async def test_large_bodies_stream_both_ways_untouched(env: Env) -> None:
             up = await r.json()
         assert up == {"size": len(packed), "sha256": hashlib.sha256(packed).hexdigest(),
                       "content_encoding": "gzip"}
-        async with browser.get(f"{gw.url}/download?size={size}", headers=HTML) as r:
-            assert r.status == 200
-            received = 0
-            async for part in r.content.iter_chunked(1024 * 1024):
-                received += len(part)
-        assert received == size
 
 
 async def test_websocket_is_proxied_after_auth(env: Env) -> None:
