@@ -1,6 +1,7 @@
 """The ``oidc-gateway`` command: the only place that reads files and the environment.
 
-Exit codes: 0 success, 2 invalid configuration (every problem printed with its key path).
+Exit codes: 0 success, 2 invalid configuration (every problem printed with its key path);
+``explain`` exits 1 when the request it judges would not reach the upstream.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import ipaddress
 import json
 import os
 import secrets
@@ -20,6 +22,7 @@ from gateway.config import Config, json_schema, load_config
 from gateway.errors import ConfigError
 
 EXIT_OK = 0
+EXIT_DENIED = 1  # explain: the request would not reach the upstream
 EXIT_CONFIG = 2
 
 
@@ -39,8 +42,32 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--online", action="store_true",
                        help="also reach the provider's discovery, its JWKS and the session store")
 
+    explain = sub.add_parser(
+        "explain",
+        help="what the gateway would do with one request: route, sign-in, decision, headers; "
+        "exit 0 forwarded, 1 not, 2 config error",
+    )
+    explain.add_argument("-c", "--config", required=True, type=Path, help="YAML config file")
+    explain.add_argument("method", metavar="METHOD", help="GET, POST, ...")
+    explain.add_argument("url", metavar="URL", help="absolute URL: https://wiki.example.com/x")
+    explain.add_argument("--claims", metavar="JSON",
+                         help='the ID token claims of the signed-in user: {"sub": "1", ...}')
+    explain.add_argument("--user", metavar="U", help="signed in as U (its sub too)")
+    explain.add_argument("--groups", metavar="A,B", help="with --user: comma-separated groups")
+    explain.add_argument("--email", metavar="E", help="with --user: e-mail address")
+    explain.add_argument("--client-ip", metavar="IP",
+                         help="address the request comes from (default: unknown, so network "
+                         "conditions never admit and always deny)")
+    explain.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                         help="a request header the client sends (repeatable)")
+
     sub.add_parser("schema", help="print the config's JSON Schema")
     sub.add_parser("gen-key", help="print a fresh session key (base64 of 32 random bytes)")
+
+    demo = sub.add_parser("demo", help="try it: gateway, demo provider and echo app on 127.0.0.1")
+    demo.add_argument("--port", type=int, default=4180, help="gateway port (default 4180)")
+    demo.add_argument("--provider-port", type=int, help="demo provider port (default port+1)")
+    demo.add_argument("--app-port", type=int, help="echo app port (default port+2)")
     return parser
 
 
@@ -60,6 +87,52 @@ def _read_config(path: Path) -> Config | None:
         return None
 
 
+def _explain(args: argparse.Namespace, config: Config) -> int:
+    """``explain``: 0 when the request would be forwarded, 1 when not, 2 for bad arguments."""
+    from gateway.explain import claims_from_options, explain, identity_of, render
+
+    def bad(message: str) -> int:
+        print(f"oidc-gateway explain: {message}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    if args.claims is not None and (args.user or args.groups or args.email):
+        return bad("give either --claims or --user/--groups/--email, not both")
+    if args.user is None and (args.groups or args.email):
+        return bad("--groups and --email describe a user: add --user")
+    claims: object = None
+    if args.claims is not None:
+        try:
+            claims = json.loads(args.claims)
+        except ValueError as exc:
+            return bad(f"--claims is not JSON: {exc}")
+        if not isinstance(claims, dict):
+            return bad('--claims must be a JSON object: {"sub": "...", ...}')
+    elif args.user is not None:
+        groups = [g.strip() for g in (args.groups or "").split(",") if g.strip()]
+        claims = claims_from_options(
+            config.provider.claims, user=args.user, email=args.email, groups=groups
+        )
+    if args.client_ip is not None:
+        try:
+            ipaddress.ip_address(args.client_ip)
+        except ValueError:
+            return bad(f"--client-ip {args.client_ip!r} is not an IP address")
+    headers: list[tuple[str, str]] = []
+    for line in args.header:
+        name, sep, value = line.partition(":")
+        if not sep or not name.strip():
+            return bad(f"-H {line!r} is not 'Name: value'")
+        headers.append((name.strip(), value.strip()))
+    try:
+        identity = identity_of(config, claims) if isinstance(claims, dict) else None
+        result = explain(config, method=args.method, url=args.url, identity=identity,
+                         client_ip=args.client_ip, headers=headers)
+    except ValueError as exc:
+        return bad(str(exc))
+    print(render(result))
+    return EXIT_OK if result.forwarded else EXIT_DENIED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "schema":
@@ -68,10 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "gen-key":
         print(base64.b64encode(secrets.token_bytes(32)).decode())
         return EXIT_OK
+    if args.command == "demo":
+        from gateway.demo import run_demo
+
+        return run_demo(args.port, provider_port=args.provider_port, app_port=args.app_port)
 
     config = _read_config(args.config)
     if config is None:
         return EXIT_CONFIG
+    if args.command == "explain":
+        return _explain(args, config)
     if args.command == "check":
         if args.online:
             from gateway.app import check_online

@@ -22,13 +22,16 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from gateway.errors import ConfigError, ConfigProblem
 
@@ -139,6 +142,50 @@ def _claim_value(value: object) -> object:
 # member of the union.
 ClaimValue = Annotated[str | int | bool, BeforeValidator(_claim_value)]
 
+# A claim path: names joined by dots walk into nested objects (``realm_access.roles``); a name
+# with any other character is written in brackets and double quotes, so that namespaced claims
+# (``["https://example.com/roles"]``) and keys with dots (``resource_access["my.app"].roles``)
+# are never split by accident. Inside the quotes, \" and \\ escape.
+_CLAIM_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_CLAIM_QUOTED = re.compile(r'\["((?:[^"\\]|\\["\\])+)"\]')
+_CLAIM_UNESCAPE = re.compile(r"\\([\"\\])")
+
+
+def parse_claim_path(text: str) -> tuple[str, ...]:
+    """``resource_access["my.app"].roles`` → ``("resource_access", "my.app", "roles")``.
+
+    Strict on purpose: a claim rule whose path cannot mean anything would never match, and a
+    rule that silently never matches is a rule the operator thinks is there. ``https://x/roles``
+    written bare is refused rather than read as three nested names.
+    """
+    problem = (
+        f"{text!r} is not a claim path: join names of letters, digits, _ and - with dots "
+        '(realm_access.roles); write any other name in brackets and double quotes '
+        '(resource_access["my.app"].roles, ["https://example.com/roles"])'
+    )
+    parts: list[str] = []
+    pos, size = 0, len(text)
+    while pos < size:
+        quoted = _CLAIM_QUOTED.match(text, pos)
+        if quoted is not None:
+            parts.append(_CLAIM_UNESCAPE.sub(r"\1", quoted.group(1)))
+            pos = quoted.end()
+        else:
+            if parts:  # a bare name only at the start or right after a dot
+                if text[pos] != ".":
+                    raise ValueError(problem)
+                pos += 1
+            name = _CLAIM_NAME.match(text, pos)
+            if name is None:
+                raise ValueError(problem)
+            parts.append(name.group(0))
+            pos = name.end()
+        if pos < size and text[pos] not in ".[":
+            raise ValueError(problem)
+    if not parts:
+        raise ValueError(problem)
+    return tuple(parts)
+
 
 def _check_http_url(value: str, *, allow_path: bool) -> str:
     parts = urlsplit(value)
@@ -230,7 +277,15 @@ class ServerConfig(_Model):
     )
     max_header_count: int = Field(100, ge=10, le=1000)
     max_header_bytes: int = Field(16384, ge=1024, le=65536)
-    keepalive_timeout: Duration = 15.0
+    keepalive_timeout: Duration = Field(
+        15.0,
+        description="idle keep-alive connections close after this; also the deadline for "
+        "the headers of each request (slow-header clients are cut off)",
+    )
+    max_connections: int = Field(
+        4096, ge=1, le=1_000_000,
+        description="client connections served at once; beyond it new ones get 503 and close",
+    )
     shutdown_timeout: Duration = 10.0
 
     @field_validator("listen")
@@ -337,8 +392,15 @@ class ProviderConfig(_Model):
         return v
 
 
+_HOST_PREFIX = "__Host-"
+_SECURE_PREFIX = "__Secure-"
+
+
 class CookieConfig(_Model):
-    name: str = "_oidc_gateway"
+    name: str = Field(
+        "_oidc_gateway",
+        description="base name; with secure and no domain the browser sees __Host-<name>",
+    )
     secure: bool = Field(True, description="false only for plain-http development")
     samesite: Literal["lax", "strict"] = "lax"
     domain: str | None = None
@@ -350,6 +412,129 @@ class CookieConfig(_Model):
             raise ValueError("must be 1-64 letters, digits, _ or -")
         return v
 
+    @model_validator(mode="after")
+    def _prefix_rules(self) -> CookieConfig:
+        # RFC 6265bis 4.1.3: browsers drop a __Secure- cookie without Secure, and a __Host-
+        # cookie without Secure, with a Domain, or with a Path other than "/". A config that
+        # asks for one of those would make every login fail silently: refuse it here.
+        found: list[tuple[tuple[str | int, ...], str]] = []
+        if self.name.startswith((_HOST_PREFIX, _SECURE_PREFIX)) and not self.secure:
+            found.append((("name",), f"a {self.name.split('-', 1)[0]}- cookie needs secure: "
+                          "true (browsers drop it otherwise)"))
+        if self.name.startswith(_HOST_PREFIX) and self.domain is not None:
+            found.append((("domain",), "a __Host- cookie cannot have a domain (browsers drop "
+                          "it); remove domain or the __Host- prefix"))
+        _conflicts("CookieConfig", found)
+        return self
+
+    @property
+    def effective_name(self) -> str:
+        """The name the browser sees. With ``secure`` and no ``domain`` it is ``__Host-``
+        + ``name``: browsers then accept the cookie only from this very host, over https,
+        with Path=/ and no Domain, so a sibling subdomain (or a plain-http man in the middle)
+        cannot plant or overwrite it (cookie tossing: login CSRF, session fixation)."""
+        if self.secure and self.domain is None and not self.name.startswith(
+            (_HOST_PREFIX, _SECURE_PREFIX)
+        ):
+            return _HOST_PREFIX + self.name
+        return self.name
+
+
+def _conflicts(title: str, found: Sequence[tuple[tuple[str | int, ...], str]]) -> None:
+    """Report problems found across several keys, each at its own key path.
+
+    A model validator's ValueError would be reported at the model's path only; a
+    ValidationError raised here is merged by pydantic under the model's path, so the operator
+    reads ``session.redis.cluster: ...`` rather than a bare ``session``.
+    """
+    if found:
+        raise ValidationError.from_exception_data(
+            title,
+            [
+                InitErrorDetails(
+                    type=PydanticCustomError("conflict", "{detail}", {"detail": message}),
+                    loc=loc,
+                    input=None,
+                )
+                for loc, message in found
+            ],
+        )
+
+
+def _sentinel_node(value: str) -> str:
+    problem = f"{value!r} is not host:port, e.g. 10.0.0.1:26379 or [fd00::1]:26379"
+    try:
+        parse_listen(value)
+    except ValueError:
+        raise ValueError(problem) from None
+    if value.startswith(":"):  # parse_listen reads ":26379" as every interface
+        raise ValueError(problem)
+    return value
+
+
+# One sentinel, validated per item so an error reads ``session.redis.sentinel.nodes[1]``.
+SentinelNode = Annotated[str, AfterValidator(_sentinel_node)]
+
+
+def _none_if_empty(value: object) -> object:
+    # `password: "${REDIS_PASSWORD:-}"` with the variable unset means "no password".
+    return None if value == "" else value
+
+
+class SentinelConfig(_Model):
+    """Redis Sentinel: the sentinels say which server is the master, so a failover needs no
+    gateway restart or config change. Off while ``master`` is null."""
+
+    master: str | None = Field(
+        None, min_length=1,
+        description="name the sentinels monitor (sentinel monitor NAME ...); null = no Sentinel",
+    )
+    nodes: tuple[SentinelNode, ...] = Field((), description="the sentinels, host:port")
+    password: Annotated[SecretStr | None, BeforeValidator(_none_if_empty)] = Field(
+        None, description="the sentinels' own password (their requirepass), if they have one"
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> SentinelConfig:
+        found: list[tuple[tuple[str | int, ...], str]] = []
+        if self.master is None and (self.nodes or self.password is not None):
+            found.append((("master",), "is required with sentinel.nodes or sentinel.password: "
+                          "the name the sentinels monitor (sentinel monitor NAME ...)"))
+        if self.master is not None and not self.nodes:
+            found.append((("nodes",), "must list at least one sentinel (host:port) when "
+                          "sentinel.master is set"))
+        _conflicts("SentinelConfig", found)
+        return self
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple(parse_listen(node) for node in self.nodes)
+
+
+class RedisConfig(_Model):
+    """Redis settings beyond ``session.redis_url``: credentials, TLS trust, Sentinel, Cluster."""
+
+    username: Annotated[str | None, BeforeValidator(_none_if_empty)] = Field(
+        None, description="ACL user, when not in redis_url"
+    )
+    password: Annotated[SecretStr | None, BeforeValidator(_none_if_empty)] = Field(
+        None, description='password, when not in redis_url; take it from "${REDIS_PASSWORD}"'
+    )
+    tls_ca_file: str | None = Field(
+        None, min_length=1,
+        description="PEM file of the CA(s) that signed the Redis certificates (rediss:// only)",
+    )
+    sentinel: SentinelConfig = SentinelConfig()
+    cluster: bool = Field(False, description="redis_url is one node of a Redis Cluster")
+
+    @model_validator(mode="after")
+    def _one_topology(self) -> RedisConfig:
+        if self.cluster and self.sentinel.master is not None:
+            _conflicts("RedisConfig", [(("cluster",), (
+                "cannot be combined with session.redis.sentinel: a Redis Cluster fails over "
+                "by itself; choose one"))])
+        return self
+
 
 class SessionConfig(_Model):
     store: Literal["redis", "memory"] = Field(
@@ -359,9 +544,18 @@ class SessionConfig(_Model):
     redis_url: str = Field("redis://127.0.0.1:6379/0", repr=False)
     key_prefix: str = "oidcgw:"
     redis_timeout: Duration = Field(1.0, description="connect and command timeout for Redis")
+    redis: RedisConfig = Field(
+        RedisConfig(), description="credentials, TLS, Sentinel or Cluster (defaults: none)"
+    )
+    memory_max_sessions: int = Field(
+        100_000, ge=1, description="store: memory refuses new sessions (503) beyond this many"
+    )
     cookie: CookieConfig = CookieConfig()
     lifetime: Duration = 12 * 3600.0
     idle_timeout: Duration = 3600.0
+    login_timeout: Duration = Field(
+        600.0, description="a sign-in must come back from the provider within this"
+    )
     keys: tuple[SessionKey, ...] = Field(
         min_length=1, description="base64 32-byte keys; the first seals, all open (rotation)"
     )
@@ -373,13 +567,61 @@ class SessionConfig(_Model):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return v
 
+    @model_validator(mode="after")
+    def _redis_combinations(self) -> SessionConfig:
+        """Settings that contradict each other, each reported at the key to change."""
+        found: list[tuple[tuple[str | int, ...], str]] = []
+        redis = self.redis
+        url = urlsplit(self.redis_url)
+        url_set = "redis_url" in self.model_fields_set
+        if redis.sentinel.master is not None and url_set:
+            try:
+                port = url.port
+            except ValueError:
+                port = None
+            if url.scheme == "unix":
+                found.append((("redis_url",), "a unix:// socket cannot be used with "
+                              "session.redis.sentinel; use redis:// or rediss://"))
+            elif url.hostname not in (None, redis.sentinel.master.lower()) or port:
+                found.append((("redis_url",), (
+                    "with session.redis.sentinel the sentinels give the master's address: "
+                    "leave host and port out of the URL (rediss://:PASSWORD@/0) or write the "
+                    f"master's name as host (rediss://{redis.sentinel.master}/0)")))
+        if redis.cluster:
+            if url.scheme == "unix":
+                found.append((("redis_url",), "a unix:// socket cannot be used with "
+                              "session.redis.cluster; use redis:// or rediss://"))
+            elif url.path.strip("/") not in ("", "0"):
+                found.append((("redis_url",), "Redis Cluster has database 0 only: end the URL "
+                              "with /0 or nothing"))
+        if redis.tls_ca_file is not None and url.scheme != "rediss":
+            found.append((("redis", "tls_ca_file"), (
+                "needs TLS: make session.redis_url a rediss:// URL (it is "
+                f"{url.scheme or 'not a'}://...)")))
+        if redis.password is not None and url.password:
+            found.append((("redis", "password"), "session.redis_url has a password too: give "
+                          "it in one place"))
+        if redis.username is not None and url.username:
+            found.append((("redis", "username"), "session.redis_url has a user name too: give "
+                          "it in one place"))
+        if redis.username is not None and redis.password is None and not url.password:
+            found.append((("redis", "username"), "an ACL user needs session.redis.password"))
+        _conflicts("SessionConfig", found)
+        return self
+
     @property
     def key_bytes(self) -> tuple[bytes, ...]:
         return tuple(decode_session_key(k.get_secret_value()) for k in self.keys)
 
 
 class AllowConfig(_Model):
-    """Who may use a route: any one matching rule admits."""
+    """The one-mapping ``allow:`` form, kept as it always worked: ANY one listed value admits.
+
+    ``allow: {groups: [eng], emails: [a@example.com]}`` admits members of eng *or* that
+    address. The list form (:class:`RuleConfig`) is the richer one; this form stays so that
+    existing configs keep their meaning. Its ``claims`` names are top-level claim names, taken
+    literally (a dot is part of the name), again as before.
+    """
 
     users: tuple[str, ...] = ()
     emails: tuple[str, ...] = ()
@@ -399,10 +641,159 @@ class AllowConfig(_Model):
     @field_validator("email_domains")
     @classmethod
     def _domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for d in v:
-            if "@" in d or not d or d.startswith("."):
-                raise ValueError(f"{d!r} must be a bare domain such as example.com")
-        return tuple(d.lower() for d in v)
+        return _bare_domains(v)
+
+
+def _bare_domains(v: tuple[str, ...]) -> tuple[str, ...]:
+    for d in v:
+        if "@" in d or not d or d.startswith("."):
+            raise ValueError(f"{d!r} must be a bare domain such as example.com")
+    return tuple(d.lower() for d in v)
+
+
+# A value in a rule's list: an empty string would be a condition no identity can meet.
+_Value = Annotated[str, Field(min_length=1)]
+
+RULE_CONDITIONS = (
+    "users", "emails", "email_domains", "groups", "claims", "networks", "methods",
+)
+
+
+class RuleConfig(_Model):
+    """One ``allow`` or ``deny`` rule: EVERY condition it lists must hold; a condition holds
+    when ANY of its values matches. ``{groups: [eng], email_domains: [example.com]}`` means a
+    member of eng whose address is at example.com.
+
+    A key left out is no condition. A key given with no values (``groups: []``, ``groups:``)
+    is an error rather than "no condition": it can never hold, or, read the other way, would
+    silently widen the rule; either way it is not what the operator meant.
+    """
+
+    users: tuple[_Value, ...] = Field((), description="user name (claims.user) or sub")
+    emails: tuple[_Value, ...] = Field((), description="whole addresses, case-insensitive")
+    email_domains: tuple[_Value, ...] = Field((), description="exact domains of the address")
+    groups: tuple[_Value, ...] = Field((), description="any group in the groups claim")
+    claims: dict[str, tuple[ClaimValue, ...]] = Field(
+        default_factory=dict,
+        description="claim path → accepted values; every listed claim must match",
+    )
+    networks: tuple[Network, ...] = Field((), description="client address in one of these CIDRs")
+    methods: tuple[str, ...] = Field((), description="request method; GET includes HEAD")
+
+    @model_validator(mode="after")
+    def _conditions(self) -> RuleConfig:
+        if not self.model_fields_set & set(RULE_CONDITIONS):
+            raise ValueError(
+                "names no condition; give at least one of " + ", ".join(RULE_CONDITIONS)
+            )
+        return self
+
+    @field_validator("users", "emails", "email_domains", "groups", "networks", "methods",
+                     "claims", mode="after")
+    @classmethod
+    def _not_empty(cls, v: tuple[object, ...] | dict[str, object]) -> object:
+        if not v:
+            raise ValueError(
+                "lists no value, so this condition could never hold; list at least one, or "
+                "remove the key"
+            )
+        if isinstance(v, dict):
+            for name, values in v.items():
+                parse_claim_path(name)  # kept as written: it is what logs and explain show
+                if not values:
+                    raise ValueError(
+                        f"{name!r} lists no value, so it could never match; list at least one"
+                    )
+        return v
+
+    @field_validator("emails")
+    @classmethod
+    def _emails(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for e in v:
+            local, _, domain = e.partition("@")
+            if not local or not domain or "@" in domain:
+                raise ValueError(f"{e!r} is not an e-mail address (one @, text on both sides)")
+        return v
+
+    @field_validator("email_domains")
+    @classmethod
+    def _domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _bare_domains(v)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = tuple(m.upper() for m in v)
+        for m in out:
+            if m not in HTTP_METHODS:
+                raise ValueError(f"{m!r} is not an HTTP method")
+        return out
+
+
+def _no_null(value: object, what: str) -> object:
+    """``allow:`` with nothing after it is YAML null: refuse it instead of reading it as "no
+    rules" (which admits every signed-in user): a half-written policy must not open a route."""
+    if value is None:
+        raise ValueError(f"is empty; list {what} under it, or remove the key")
+    return value
+
+
+def _allow_form(value: Any) -> str | None:
+    if isinstance(value, Mapping | AllowConfig):
+        return "<mapping>"
+    if isinstance(value, list | tuple):
+        return "<rules>"
+    return None
+
+
+# Tags of the ``allow`` union: pydantic puts them in error locations, and _problems drops them
+# so that paths read like the YAML (``routes[1].allow[0].groups``).
+_UNION_TAGS = frozenset({"<mapping>", "<rules>"})
+
+def _some_rules(rules: tuple[RuleConfig, ...]) -> tuple[RuleConfig, ...]:
+    if not rules:
+        raise ValueError("lists no rule; list at least one, or remove the key")
+    return rules
+
+
+Rules = Annotated[
+    tuple[RuleConfig, ...], AfterValidator(_some_rules), Field(json_schema_extra={"minItems": 1})
+]
+
+# ``allow`` is a list of rules (any one admits), or the one-mapping any-of form of old.
+AllowRules = Annotated[
+    Annotated[Rules, Tag("<rules>")] | Annotated[AllowConfig, Tag("<mapping>")],
+    Discriminator(
+        _allow_form,
+        custom_error_type="allow_form",
+        custom_error_message="must be a list of rules, or one mapping (any listed value admits)",
+    ),
+]
+
+
+class PolicyConfig(_Model):
+    """``default_policy``: the allow and deny rules of every route that has neither."""
+
+    allow: Rules | None = Field(None, description="rules; any one admits")
+    deny: Rules | None = Field(None, description="rules; any one refuses, before allow")
+
+    @field_validator("allow", "deny", mode="before")
+    @classmethod
+    def _null(cls, v: object) -> object:
+        return _no_null(v, "rules")
+
+    @model_validator(mode="after")
+    def _something(self) -> PolicyConfig:
+        if self.allow is None and self.deny is None:
+            raise ValueError("names neither allow nor deny; give one, or remove default_policy")
+        return self
+
+
+def _unauthenticated(value: object) -> object:
+    # YAML reads `unauthenticated: 401` as a number.
+    if isinstance(value, int) and not isinstance(value, bool) and value == 401:
+        return "401"
+    return value
 
 
 _HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
@@ -431,6 +822,10 @@ class MatchConfig(_Model):
             raise ValueError('must start with "/"')
         if any(c in v for c in "?#%\\") or "/../" in v + "/" or "/./" in v + "/":
             raise ValueError("must be a plain path prefix without ?, #, %, \\ or dot-segments")
+        if any(seg.partition(";")[0] in (".", "..") for seg in v.split("/")):
+            # The router refuses "/..;/" (a dot-segment to Tomcat and Jetty): say so here, where
+            # `check` reports it, rather than at start-up.
+            raise ValueError('must not have a dot-segment with ";" parameters, like /..;/')
         if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in v):
             raise ValueError("must not contain control characters")
         return v
@@ -453,8 +848,25 @@ class RouteConfig(_Model):
     name: str = Field(min_length=1)
     match: MatchConfig = MatchConfig()
     upstream: str = Field(description="origin of the app: http://127.0.0.1:8080")
-    auth: Literal["required", "public"] = "required"
-    allow: AllowConfig | None = None
+    auth: Literal["required", "public", "optional"] = Field(
+        "required",
+        description="required: sign-in needed; public: no sign-in, no identity; optional: "
+        "identity headers when signed in, anonymous pass otherwise",
+    )
+    unauthenticated: Annotated[
+        Literal["auto", "redirect", "401"],
+        BeforeValidator(_unauthenticated),
+        # YAML users write `401` unquoted, a number: the schema says it is welcome.
+        WithJsonSchema({"enum": ["auto", "redirect", "401", 401]}),
+    ] = Field(
+        "auto",
+        description="without a session: auto (browser navigations redirect, the rest 401), "
+        "redirect (always), 401 (always; APIs)",
+    )
+    allow: AllowRules | None = Field(
+        None, description="rules, any one admits; none (and no deny): default_policy applies"
+    )
+    deny: Rules | None = Field(None, description="rules, any one refuses; deny wins over allow")
     pass_access_token: bool = False
     pass_host_header: bool = Field(True, description="send the client's Host to the upstream")
     timeout: Duration = Field(30.0, description="upstream answer deadline (504 after)")
@@ -464,11 +876,53 @@ class RouteConfig(_Model):
     def _upstream(cls, v: str) -> str:
         return _check_http_url(v, allow_path=False).rstrip("/")
 
+    @field_validator("allow", "deny", mode="before")
+    @classmethod
+    def _null(cls, v: object) -> object:
+        return _no_null(v, "rules")
+
     @model_validator(mode="after")
     def _public_has_no_allow(self) -> RouteConfig:
-        if self.auth == "public" and self.allow is not None:
-            raise ValueError("a public route admits everyone; remove allow or set auth: required")
+        policy = " and ".join(k for k in ("allow", "deny") if getattr(self, k) is not None)
+        if self.auth == "public" and policy:
+            raise ValueError(
+                f"a public route admits everyone; remove {policy} or set auth: required"
+            )
+        if self.auth == "optional" and policy:
+            raise ValueError(
+                "an optional route admits everyone (identity headers only for those signed in); "
+                f"remove {policy} or set auth: required"
+            )
+        if self.auth != "required" and "unauthenticated" in self.model_fields_set:
+            raise ValueError(
+                f"unauthenticated has no effect on an auth: {self.auth} route, which never asks "
+                "anyone to sign in; remove it"
+            )
+        self._rules_can_match()
         return self
+
+    def _rules_can_match(self) -> None:
+        """A rule whose ``methods`` share none with the route's ``match.methods`` can never
+        match: refuse it, since the operator believes it guards (or opens) something."""
+        if self.match.methods is None:
+            return
+        route_methods = _with_head(self.match.methods)
+        lists = (("allow", self.allow), ("deny", self.deny))
+        for kind, rules in lists:
+            if not isinstance(rules, tuple):
+                continue
+            for i, rule in enumerate(rules):
+                if rule.methods and not _with_head(rule.methods) & route_methods:
+                    raise ValueError(
+                        f"{kind}[{i}].methods: lists none of the methods this route matches "
+                        f"({', '.join(sorted(route_methods))}), so the rule can never match"
+                    )
+
+
+def _with_head(methods: Sequence[str]) -> frozenset[str]:
+    """GET includes HEAD (RFC 9110 9.3.2), as in routing and in the policy."""
+    out = frozenset(methods)
+    return out | {"HEAD"} if "GET" in out else out
 
 
 class LoggingConfig(_Model):
@@ -484,8 +938,16 @@ class Config(_Model):
     server: ServerConfig = ServerConfig()
     provider: ProviderConfig
     session: SessionConfig
+    default_policy: PolicyConfig | None = Field(
+        None, description="allow/deny of every protected route that has neither"
+    )
     routes: tuple[RouteConfig, ...] = Field(min_length=1)
     logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("default_policy", mode="before")
+    @classmethod
+    def _null_policy(cls, v: object) -> object:
+        return _no_null(v, "allow and/or deny rules")
 
     @field_validator("routes")
     @classmethod
@@ -592,6 +1054,20 @@ def _message(err: Mapping[str, Any]) -> str:
     return msg
 
 
+def _yaml_loc(loc: Sequence[str | int]) -> tuple[str | int, ...]:
+    """A pydantic error location as a path in the YAML: without the internal tags of function
+    validators, nor those of the ``allow`` union (right after ``allow``, where no YAML key can
+    stand, so a claim that happens to be named like a tag keeps its name)."""
+    out: list[str | int] = []
+    for part in loc:
+        if isinstance(part, str) and (
+            part.startswith("function-") or (part in _UNION_TAGS and out and out[-1] == "allow")
+        ):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
 def _problems(exc: ValidationError, unset: set[str]) -> list[ConfigProblem]:
     """Config problems from pydantic's errors.
 
@@ -600,10 +1076,7 @@ def _problems(exc: ValidationError, unset: set[str]) -> list[ConfigProblem]:
     """
     errors = exc.errors(include_url=False)
     # Skip pydantic's internal union/function tags so paths read like the YAML.
-    locs = [
-        tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        for err in errors
-    ]
+    locs = [_yaml_loc(err["loc"]) for err in errors]
     out: list[ConfigProblem] = []
     for err, loc in zip(errors, locs, strict=True):
         path = format_path(loc)
@@ -679,6 +1152,16 @@ def load_config(text: str, env: Mapping[str, str]) -> Config:
             # "but found another document".
             problem = f"{context}, {problem}"
         raise ConfigError([ConfigProblem("", f"YAML syntax error at {where}{problem}")]) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError([ConfigProblem("", "the YAML is nested too deeply")]) from None
+    except (ArithmeticError, AttributeError, LookupError, TypeError, ValueError) as exc:
+        # PyYAML's constructors let Python's own errors out on some scalars: an integer past
+        # the 4300-digit limit, an impossible date (2001-13-45), an explicit tag on a value
+        # that is not of its type (`!!int x`, `!!bool x`, `!!timestamp x`, `!!int ''`).
+        raise ConfigError([ConfigProblem(
+            "", f"a YAML value cannot be read ({type(exc).__name__}: {exc}); check numbers, "
+            "dates and explicit !!tags",
+        )]) from None
     return parse_config(data, env)
 
 

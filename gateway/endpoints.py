@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -35,6 +36,7 @@ from gateway.headers import (
     HeaderPolicy,
     check_header_limits,
     forwarded_facts,
+    identity_value_problem,
     upstream_response_headers,
 )
 from gateway.idp import IdentityProvider
@@ -42,17 +44,18 @@ from gateway.models import Identity, Session, Ticket
 from gateway.observability import METRICS_CONTENT_TYPE, Metrics, new_request_id, short_hash
 from gateway.oidc import end_session_url, new_login_state
 from gateway.pages import Link, Pages
-from gateway.policy import evaluate
+from gateway.policy import authorize, login_style
 from gateway.proxy import UpstreamProxy, is_websocket, upstream_url
 from gateway.routing import (
     RouteTable,
     authority_host,
     encode_path,
+    host_allowed,
     normalize_path,
     safe_redirect_target,
+    without_path_params,
 )
 from gateway.sessions import (
-    LOGIN_STATE_TTL,
     SessionInvalid,
     decode_ticket,
     dump_login_state,
@@ -60,7 +63,6 @@ from gateway.sessions import (
     encode_ticket,
     load_login_state,
     load_session,
-    login_state_expired,
     needs_touch,
     new_ticket,
     seal,
@@ -76,6 +78,29 @@ access_log = logging.getLogger("gateway.access")
 
 _BINDING_BYTES = 32
 _NO_STORE = "no-store"
+# The gateway's own pages (sign-out confirmation, errors) are never framed: a framed
+# "Sign out" button is a clickjacking target.
+_PAGE_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin_key(url: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port) of a URL or serialized origin, default ports made explicit, so
+    ``http://a`` and ``http://a:80`` compare equal; None when it is not an http(s) origin
+    (``null``, garbage)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower().removesuffix("."), port or _DEFAULT_PORTS[scheme]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,13 +176,18 @@ class Gateway:
 
         server, session = config.server, config.session
         self.routes = RouteTable(config.routes)
-        self.header_policy = HeaderPolicy(
-            strip_patterns=server.strip_headers, own_cookie_name=session.cookie.name
-        )
         self.keys = session.key_bytes
         self.prefix = server.prefix
         self.cookie = session.cookie
-        self.login_cookie = f"{session.cookie.name}_login"
+        # The names browsers see: "__Host-" + cookie.name when secure without a domain.
+        self.cookie_name = session.cookie.effective_name
+        self.login_cookie = f"{self.cookie_name}_login"
+        self.login_ttl = session.login_timeout
+        self.header_policy = HeaderPolicy(
+            strip_patterns=server.strip_headers,
+            own_cookie_name=self.cookie_name,
+            extra_cookie_names=(session.cookie.name,),
+        )
         hosts = [r.match.host for r in config.routes if r.match.host]
         if server.public_url:
             hosts.append(urlsplit(server.public_url).hostname or "")
@@ -192,6 +222,14 @@ class Gateway:
                 route = self.routes.match(facts.host, facts.path, request.method)
                 if route is None:
                     raise NotFound("no route of this gateway matches this host and path")
+                if ";" in facts.path and route is not self.routes.match(
+                    facts.host, without_path_params(facts.path), request.method
+                ):
+                    # Servlet containers drop ";params" before mapping a path: /admin;x is
+                    # their /admin, but here it matched another route. Refuse the ambiguity.
+                    raise BadRequest(
+                        'the request path has ";" parameters that change which route serves it'
+                    )
                 route_name = route.name
                 response, user = await self._proxy(request, facts, route)
         except RequestError as exc:
@@ -228,6 +266,10 @@ class Gateway:
         check_header_limits(
             items, max_count=server.max_header_count, max_bytes=server.max_header_bytes
         )
+        # RFC 9112 3.2: more than one Host is a 400. aiohttp's parser refuses it today; checked
+        # here too because routing and URL building must rest on exactly one authority.
+        if len(request.headers.getall("Host", ())) > 1:
+            raise BadRequest("the request has more than one Host header")
         host_header = request.headers.get("Host", "")
         host = authority_host(host_header)
         if host is None:
@@ -249,7 +291,7 @@ class Gateway:
     async def authenticate(self, request: web.BaseRequest) -> tuple[Ticket, Session] | None:
         """The session this request's cookie opens, or None. Store failures propagate (503):
         a store we cannot read must never turn into a pass."""
-        ticket = decode_ticket(request.cookies.get(self.cookie.name, ""))
+        ticket = decode_ticket(request.cookies.get(self.cookie_name, ""))
         if ticket is None:
             return None
         key = f"s:{ticket.session_id}"
@@ -308,28 +350,32 @@ class Gateway:
     async def _proxy(
         self, request: web.Request, facts: RequestFacts, route: RouteConfig
     ) -> tuple[web.StreamResponse, str | None]:
-        identity: Identity | None = None
         access_token = None
-        if route.auth != "public":
-            found = await self.authenticate(request)
-            if found is None:
-                return await self._unauthenticated(request, facts), None
-            session = found[1]
-            decision = evaluate(route, session.identity)
-            if not decision.allowed:
-                log.info(
-                    "access denied",
-                    extra={"request_id": facts.request_id, "route": route.name,
-                           "user": session.identity.user, "reason": decision.reason},
-                )
-                raise Forbidden(
-                    f"You are signed in as {session.identity.user}, but this account may not "
-                    "open this page.",
-                    reason="policy_denied",
-                )
-            identity = session.identity
-            if route.pass_access_token:
-                access_token = session.tokens.access_token
+        # Public routes never look at the session; optional ones use it when there is one.
+        found = await self.authenticate(request) if route.auth != "public" else None
+        # One decision for the live gateway and `oidc-gateway explain` (policy.authorize).
+        access = authorize(
+            route, found[1].identity if found else None, method=request.method,
+            client_ip=facts.forwarded.client_ip, default_policy=self.config.default_policy,
+        )
+        if access.login_needed:
+            return await self._unauthenticated(request, facts, route), None
+        if not access.forward:
+            decision = access.decision
+            who = found[1].identity.user if found else "-"
+            log.info(
+                "access denied",
+                extra={"request_id": facts.request_id, "route": route.name, "user": who,
+                       "reason": decision.reason if decision else "-",
+                       "rule": str(decision.rule) if decision and decision.rule else "-"},
+            )
+            raise Forbidden(
+                f"You are signed in as {who}, but this account may not open this page.",
+                reason="policy_denied",
+            )
+        identity: Identity | None = access.identity
+        if identity is not None and found is not None and route.pass_access_token:
+            access_token = found[1].tokens.access_token
         host_header = facts.host_header if route.pass_host_header else urlsplit(
             route.upstream).netloc
         headers = self.header_policy.upstream_request_headers(
@@ -349,10 +395,11 @@ class Gateway:
         return await self.proxy.relay(request, answer, out_headers), user
 
     async def _unauthenticated(
-        self, request: web.Request, facts: RequestFacts
+        self, request: web.Request, facts: RequestFacts, route: RouteConfig
     ) -> web.StreamResponse:
         target = self._target_of(facts)
-        if _is_navigation(request):
+        # route.unauthenticated may force either answer (policy.login_style).
+        if login_style(route, navigation=_is_navigation(request)) == "redirect":
             return await self._begin_login(request, facts, target)
         login_url = f"{self._callback_origin(facts)}{self.prefix}/start?rd={quote(target, safe='')}"
         return web.json_response(
@@ -395,7 +442,7 @@ class Gateway:
             aad=key.encode(),
             nonce_bytes=self.token_bytes(12),
         )
-        await self.store.set(key, blob, LOGIN_STATE_TTL)
+        await self.store.set(key, blob, self.login_ttl)
         location = self.idp.authorization_url(login, self._redirect_uri(facts))
         response = web.Response(status=302, headers={"Location": location,
                                                      "Cache-Control": _NO_STORE})
@@ -405,7 +452,7 @@ class Gateway:
             response,
             self.login_cookie,
             base64.urlsafe_b64encode(binding).decode().rstrip("="),
-            max_age=LOGIN_STATE_TTL,
+            max_age=max(1, math.ceil(self.login_ttl)),
             # "/" and not the prefix: a login may start on any path (the protected page itself),
             # and the browser must send the cookie there to reuse it. It never reaches the
             # upstream: the gateway's own cookies are stripped from every forwarded request.
@@ -424,11 +471,29 @@ class Gateway:
         return raw if len(raw) == _BINDING_BYTES else None
 
     async def start(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
+        self._check_served(facts)
         rd = request.query.get("rd")
         target = safe_redirect_target(rd, allowed_hosts=self.allowed_hosts, default="/")
         return await self._begin_login(request, facts, target)
 
+    def _check_served(self, facts: RequestFacts) -> None:
+        """Refuse the login endpoints on a host no route serves when ``public_url`` is unset.
+
+        The redirect URI and the return URL are then built from the request's own origin
+        (Host, or X-Forwarded-Host from a trusted proxy): an origin this gateway does not serve
+        must not become one (an attacker's Host header would otherwise end up in the
+        redirect_uri sent to the provider).
+        """
+        if self.config.server.public_url:
+            return
+        host = authority_host(facts.forwarded.host)
+        if host is None or not (
+            self.routes.serves(host) or host_allowed(host, self.allowed_hosts)
+        ):
+            raise NotFound("this gateway serves no route on this host")
+
     async def callback(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
+        self._check_served(facts)
         query: Mapping[str, str] = request.query
         state = query.get("state", "")
         if not state or len(state) > 128:
@@ -452,7 +517,8 @@ class Gateway:
                 "Start again in this browser.", reason="login_not_bound", status_hint=400,
             ) from None
         now = self.clock()
-        if login_state_expired(login, now):
+        # Besides the store's TTL: stores expire lazily, and a late replay must not complete.
+        if now - login.created_at >= self.login_ttl:
             raise OIDCError("This sign-in took too long and expired. Start again.",
                             reason="login_state_expired", status_hint=400)
         try:
@@ -462,8 +528,22 @@ class Gateway:
             self.metrics.logins.labels("failed").inc()
             exc.retry_target = login.target
             raise
+        problem = identity_value_problem(identity.user)
+        if problem is not None:
+            # Sent as X-Forwarded-User exactly or not at all: refuse now rather than on every
+            # request (headers.identity_value_problem says why cleaning it is no option).
+            self.metrics.logins.labels("failed").inc()
+            refused = OIDCError(
+                f"The sign-in service names your account with a user name that {problem}; "
+                "this gateway cannot pass it on to applications unchanged. Ask your "
+                "administrator to correct the account.",
+                reason="identity_unsafe", status_hint=401)
+            refused.retry_target = login.target
+            raise refused
 
-        old = decode_ticket(request.cookies.get(self.cookie.name, ""))
+        # Session fixation: whatever session the browser brought is ended, and the new one
+        # gets a fresh id and secret.
+        old = decode_ticket(request.cookies.get(self.cookie_name, ""))
         if old is not None:
             await self.store.delete(f"s:{old.session_id}")
         ticket = new_ticket(self.token_bytes)
@@ -477,7 +557,15 @@ class Gateway:
             issuer=self.idp.metadata.issuer,
             sid=sid if isinstance(sid, str) else None,
         )
-        await self._save(ticket, session, now)
+        try:
+            await self._save(ticket, session, now)
+        except ValueError:
+            # dump_session: claims that are not valid Unicode (lone surrogates) or not JSON.
+            self.metrics.logins.labels("failed").inc()
+            raise OIDCError(
+                "The sign-in service sent claims that cannot be stored (text that is not valid "
+                "Unicode). Tell your administrator the reference below.",
+                reason="claims_unusable", status_hint=502) from None
         self.metrics.logins.labels("ok").inc()
         log.info("login", extra={"request_id": facts.request_id, "user": identity.user,
                                  "session": short_hash(ticket.session_id)})
@@ -487,17 +575,28 @@ class Gateway:
             # RFC 9700 §4.2.4: the code in this URL must not leak through Referer (note 20).
             "Referrer-Policy": "no-referrer",
         })
-        self._set_cookie(response, self.cookie.name, encode_ticket(ticket),
+        self._set_cookie(response, self.cookie_name, encode_ticket(ticket),
                          max_age=int(self.config.session.lifetime), path="/")
         return response
 
     async def sign_out(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
         if request.method not in ("GET", "POST"):
             raise RequestError("use GET or POST", reason="method_not_allowed", status_hint=405)
+        self._check_served(facts)
         rd = request.query.get("rd")
         target = safe_redirect_target(rd, allowed_hosts=self.allowed_hosts, default="/")
+        if self._cross_site(request, facts):
+            # Logout CSRF: another site may link or post here, but only the user decides.
+            again = f"{self.prefix}/sign_out" + (f"?rd={quote(rd, safe='')}" if rd else "")
+            return self._page(
+                200, "Sign out?", "Another site sent you here to sign you out of this gateway.",
+                advice="If you want to sign out, press the button. Otherwise close this page: "
+                "you stay signed in.",
+                link=Link(again, "Sign out"),
+                request_id=facts.request_id,
+            )
         session: Session | None = None
-        ticket = decode_ticket(request.cookies.get(self.cookie.name, ""))
+        ticket = decode_ticket(request.cookies.get(self.cookie_name, ""))
         if ticket is not None:
             found = await self.authenticate(request)
             session = found[1] if found else None
@@ -528,8 +627,36 @@ class Gateway:
                 request_id=facts.request_id,
             )
         response.headers["Cache-Control"] = _NO_STORE
-        response.del_cookie(self.cookie.name, path="/", domain=self.cookie.domain)
+        # The same attributes as when set: browsers ignore a __Host- cookie without Secure.
+        response.del_cookie(
+            self.cookie_name, path="/", domain=self.cookie.domain, secure=self.cookie.secure,
+            httponly=True, samesite=self.cookie.samesite.capitalize(),
+        )
         return response
+
+    def _cross_site(self, request: web.BaseRequest, facts: RequestFacts) -> bool:
+        """Whether another site made the browser send this request.
+
+        Judged by ``Sec-Fetch-Site`` (Fetch Metadata; every current browser sends it, and pages
+        cannot forge it): ``same-origin``, ``same-site`` and ``none`` (typed, bookmarked) are
+        not cross-site; anything else is. Without it, by ``Origin`` (sent on cross-site POSTs
+        by older browsers), then by ``Referer``; a request with none of them (a script,
+        curl) is not judged cross-site.
+        """
+        site = request.headers.get("Sec-Fetch-Site")
+        if site is not None:
+            return site.strip().lower() not in ("same-origin", "same-site", "none")
+        own = {_origin_key(facts.origin)}
+        if self.config.server.public_url:
+            own.add(_origin_key(self.config.server.public_url))
+        own.discard(None)  # "Origin: null" must never equal an unparseable own origin
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            return _origin_key(origin) not in own
+        referer = request.headers.get("Referer")
+        if referer:
+            return _origin_key(referer) not in own
+        return False
 
     async def userinfo(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
         found = await self.authenticate(request)
@@ -582,7 +709,7 @@ class Gateway:
         body = self.pages.render(status=status, heading=heading, message=message,
                                  advice=advice, link=link, request_id=request_id)
         return web.Response(status=status, text=body, content_type="text/html",
-                            headers={"Cache-Control": _NO_STORE})
+                            headers={"Cache-Control": _NO_STORE, **_PAGE_HEADERS})
 
     def _error(
         self, request: web.BaseRequest, exc: RequestError, request_id: str,

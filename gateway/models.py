@@ -69,8 +69,25 @@ class Ticket:
 
 
 @dataclass(frozen=True, slots=True)
+class RuleRef:
+    """Which rule decided: ``kind`` is the list holding it (``allow`` or ``deny``), ``index``
+    its position there (None for the one-mapping ``allow:`` form), ``source`` whether it is the
+    route's own rule (``route``) or one of ``default_policy``."""
+
+    kind: str
+    index: int | None
+    source: str
+
+    def __str__(self) -> str:
+        where = "default_policy." if self.source == "default_policy" else ""
+        return f"{where}{self.kind}" + ("" if self.index is None else f"[{self.index}]")
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
-    """The policy's answer for one request; ``reason`` is logged either way."""
+    """The policy's answer for one request; ``reason`` is logged either way. ``rule`` is the
+    rule that decided, or None when no rule did (no rules at all, or no allow rule matched)."""
 
     allowed: bool
     reason: str
+    rule: RuleRef | None = None

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.config import (
     DEFAULT_ALGORITHMS,
+    AllowConfig,
     Config,
     format_path,
     json_schema,
@@ -394,7 +395,7 @@ def test_env_expansion_reaches_lists_and_nested_mappings() -> None:
         {"routes.1.allow.groups": ["${G1}", "static", "${G2:-ops}"], "server.listen": "${L}"},
         env={**ENV, "G1": "eng", "L": "127.0.0.1:9000"},
     )
-    assert config.routes[1].allow is not None
+    assert isinstance(config.routes[1].allow, AllowConfig)  # the one-mapping form
     assert config.routes[1].allow.groups == ("eng", "static", "ops")
     assert config.server.listen_address == ("127.0.0.1", 9000)
 
@@ -715,7 +716,7 @@ def test_each_kind_of_allow_rule() -> None:
         "claims": {"department": ["eng", 7, True]},
     }
     rules = load({"routes.1.allow": allow}).routes[1].allow
-    assert rules is not None
+    assert isinstance(rules, AllowConfig)  # the one-mapping form
     assert rules.users == ("alice",)
     assert rules.emails == ("bob@example.org",)
     assert rules.email_domains == ("example.com",)
@@ -865,7 +866,7 @@ def test_the_model_is_frozen(owner: str, attribute: str, value: object) -> None:
         setattr(objects[owner], attribute, value)
     # Lists become tuples, so they cannot be changed in place either.
     assert isinstance(config.routes, tuple)
-    assert allow is not None
+    assert isinstance(allow, AllowConfig)
     assert isinstance(allow.groups, tuple)
 
 
@@ -966,6 +967,7 @@ def test_json_schema() -> None:
         "server",
         "provider",
         "session",
+        "default_policy",
         "routes",
         "logging",
     ]

@@ -1,0 +1,263 @@
+"""``oidc-gateway explain``, pure: what the live gateway would do with one request, and why.
+
+Why it is built this way:
+
+* No second implementation (issue 5): every step is the function the live gateway calls.
+  The host is ``routing.authority_host`` of the URL's authority, the path
+  ``routing.normalize_path`` of its raw path, the route ``routing.RouteTable.match``, the
+  client ``headers.forwarded_facts`` (so ``X-Forwarded-For`` given with ``-H`` is believed only
+  from ``server.trusted_proxies``, as live), the outcome ``policy.authorize`` (routes,
+  ``default_policy``, deny before allow), the identity ``oidc.identity_from_claims`` (the
+  ``provider.claims`` mapping), and the headers ``headers.HeaderPolicy`` built from the same
+  config keys as ``endpoints.Gateway``.
+* Its own layer, just above the pure core it composes (sibling core modules do not import each
+  other, design §2), and pure itself: the CLI reads the file and prints.
+* Nothing secret is shown: an access token the upstream would get appears as a placeholder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import replace as _replace
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from gateway.config import ClaimsConfig, Config, RouteConfig
+from gateway.errors import BadRequest, OIDCError
+from gateway.headers import HeaderPolicy, forwarded_facts
+from gateway.models import Identity
+from gateway.oidc import identity_from_claims
+from gateway.policy import Access, authorize, login_style
+from gateway.routing import RouteTable, authority_host, encode_path, normalize_path
+
+__all__ = ["Explanation", "claims_from_options", "explain", "identity_of", "render"]
+
+# Shown instead of the session's access token when a route passes it upstream.
+ACCESS_TOKEN_PLACEHOLDER: Final = "<the session's access token>"  # noqa: S105 - a label
+# The gateway's own endpoints outside server.prefix (endpoints.Gateway.own).
+_OWN_PATHS: Final = ("/ping", "/ready", "/metrics")
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """One request, judged. ``error``: the 400 the gateway would answer before any routing.
+    ``own_endpoint``: the gateway answers itself, nothing is forwarded. ``route`` and
+    ``route_index``: the matched route (None: 404). ``access``: the outcome on that route.
+    ``upstream`` and ``headers``: what the upstream would receive (only when forwarded)."""
+
+    method: str
+    url: str
+    client_ip: str
+    identity: Identity | None
+    path: str | None = None
+    error: str | None = None
+    own_endpoint: bool = False
+    route: RouteConfig | None = None
+    route_index: int | None = None
+    access: Access | None = None
+    upstream: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def forwarded(self) -> bool:
+        """Would the request reach an upstream? (The exit status of ``explain``.)"""
+        return self.access is not None and self.access.forward
+
+
+def claims_from_options(
+    claims: ClaimsConfig, *, user: str, email: str | None, groups: Sequence[str]
+) -> dict[str, Any]:
+    """ID token claims for ``--user U --email E --groups a,b``, under the claim names the
+    config reads (``provider.claims``), so the identity is built as at a real login."""
+    out: dict[str, Any] = {"sub": user, claims.user: user}
+    if email is not None:
+        out[claims.email] = email
+    if groups:
+        out[claims.groups] = list(groups)
+    return out
+
+
+def identity_of(config: Config, claims: Mapping[str, Any]) -> Identity:
+    """The identity a login with these ID token claims gives. Raises ``ValueError`` with the
+    provider check's message when a real login would be refused (no ``sub``)."""
+    try:
+        return identity_from_claims(claims, userinfo=None, claims=config.provider.claims)
+    except OIDCError as exc:
+        raise ValueError(exc.message) from None
+
+
+def explain(
+    config: Config,
+    *,
+    method: str,
+    url: str,
+    identity: Identity | None,
+    client_ip: str | None,
+    headers: Sequence[tuple[str, str]] = (),
+) -> Explanation:
+    """Judge ``method url`` from ``client_ip`` (the TCP peer; None: unknown) with the client
+    ``headers``, for ``identity`` (None: not signed in). Raises ``ValueError`` when ``url`` is
+    not an absolute http(s) URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{url!r} is not an absolute http:// or https:// URL")
+    method = method.upper()
+    peer = client_ip or ""
+    base = Explanation(method=method, url=url, client_ip=peer, identity=identity)
+
+    # endpoints.Gateway._facts: one validated authority, the path normalised once.
+    host_header = parts.netloc
+    host = authority_host(host_header)
+    if host is None:
+        return _replace(base, error="400: the Host header is missing or malformed")
+    try:
+        path = normalize_path(parts.path or "/")
+    except BadRequest as exc:
+        return _replace(base, error=f"400: {exc.message}")
+    forwarded = forwarded_facts(
+        peer_ip=peer,
+        headers=list(headers),
+        trusted=config.server.trusted_proxies,
+        scheme=parts.scheme,
+        host=host_header,
+    )
+    base = _replace(base, path=path, client_ip=forwarded.client_ip)
+
+    # endpoints.Gateway.handle: the gateway's own paths first, then the route table.
+    prefix = config.server.prefix
+    if path in _OWN_PATHS or path == prefix or path.startswith(prefix + "/"):
+        return _replace(base, own_endpoint=True)
+    route = RouteTable(config.routes).match(host, path, method)
+    if route is None:
+        return base
+    index = next(i for i, r in enumerate(config.routes) if r is route)
+
+    access = authorize(
+        route,
+        identity,
+        method=method,
+        client_ip=forwarded.client_ip or None,
+        default_policy=config.default_policy,
+    )
+    base = _replace(base, route=route, route_index=index, access=access)
+    if not access.forward:
+        return base
+
+    # endpoints.Gateway._proxy: the same HeaderPolicy, built from the same keys.
+    policy = HeaderPolicy(
+        strip_patterns=config.server.strip_headers, own_cookie_name=config.session.cookie.name
+    )
+    sent = policy.upstream_request_headers(
+        list(headers),
+        identity=access.identity,
+        access_token=(
+            ACCESS_TOKEN_PLACEHOLDER
+            if access.identity is not None and route.pass_access_token
+            else None
+        ),
+        forwarded=forwarded,
+        host_header=host_header if route.pass_host_header else urlsplit(route.upstream).netloc,
+    )
+    query = f"?{parts.query}" if parts.query else ""
+    return _replace(
+        base, upstream=f"{route.upstream}{encode_path(path)}{query}", headers=tuple(sent)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------------
+
+
+def render(e: Explanation) -> str:
+    """The explanation as ``key: value`` lines an operator reads top to bottom."""
+    lines = [f"request:  {e.method} {e.url}"]
+    if e.error is not None:
+        lines += [f"answer:   {e.error} (before any route is matched)", _result(e)]
+        return "\n".join(lines)
+    lines.append(f"path:     {e.path}")
+    lines.append(f"client:   {e.client_ip or 'unknown (give --client-ip)'}")
+    if e.own_endpoint:
+        lines += ["route:    none: the gateway's own endpoint answers this path", _result(e)]
+        return "\n".join(lines)
+    route, access = e.route, e.access
+    if route is None or access is None:
+        lines += ["route:    none matches: 404 from the gateway", _result(e)]
+        return "\n".join(lines)
+
+    match = route.match
+    methods = ", ".join(match.methods) if match.methods else "any"
+    lines.append(
+        f"route:    {route.name} (routes[{e.route_index}]: host {match.host or 'any'}, "
+        f"path {match.path}, methods {methods}) -> {route.upstream}"
+    )
+    lines.append(f"login:    {_login(route)}")
+    lines.append(f"identity: {_identity(e.identity)}")
+    lines += _decision(route, access)
+    if e.upstream is not None:
+        lines.append(f"upstream: {e.method} {e.upstream}")
+        lines.append("headers:")
+        lines += [f"  {name}: {value}" for name, value in e.headers]
+    lines.append(_result(e))
+    return "\n".join(lines)
+
+
+def _login(route: RouteConfig) -> str:
+    if route.auth == "public":
+        return "not needed (auth: public; no identity headers)"
+    if route.auth == "optional":
+        return "optional (auth: optional; identity headers only when signed in)"
+    navigation = login_style(route, navigation=True)
+    other = login_style(route, navigation=False)
+    how = {"redirect": "a 302 to sign-in", "401": "a 401 (JSON with login_url)"}
+    if navigation == other:
+        answer = f"every request gets {how[navigation]}, as unauthenticated: {navigation} says"
+    else:
+        answer = f"browser navigations get {how[navigation]}, other requests {how[other]}"
+    return f"needed (auth: required); without a session, {answer}"
+
+
+def _identity(identity: Identity | None) -> str:
+    if identity is None:
+        return "none (not signed in; give --claims or --user)"
+    verified = {True: "verified", False: "NOT verified", None: "verification unknown"}
+    email = (
+        f"{identity.email} ({verified[identity.email_verified]})" if identity.email else "none"
+    )
+    groups = ", ".join(identity.groups) or "none"
+    return f"{identity.user} (sub {identity.sub}; email {email}; groups {groups})"
+
+
+def _decision(route: RouteConfig, access: Access) -> list[str]:
+    decision = access.decision
+    if decision is not None:
+        rule = decision.rule
+        if rule is None:
+            which = (
+                "none (no deny rule matched, and there are no allow rules)"
+                if decision.allowed
+                else "none (no allow rule matched)"
+            )
+        elif rule.index is None:
+            which = f"{rule} (the one-mapping form: any listed value admits)"
+        else:
+            which = str(rule)
+        return [
+            f"decision: {'allow' if decision.allowed else 'deny'}",
+            f"rule:     {which}",
+            f"reason:   {decision.reason}",
+        ]
+    if access.login_needed:
+        return ["decision: sign-in needed (no session); the policy is judged after sign-in"]
+    if route.auth == "public":
+        return ["decision: allow (public route: everyone, without identity)"]
+    if access.identity is None:
+        return ["decision: allow (optional route, not signed in: no identity headers)"]
+    return ["decision: allow (optional route, signed in: identity headers, no policy)"]
+
+
+def _result(e: Explanation) -> str:
+    if e.forwarded:
+        return "result:   forwarded to the upstream (exit 0)"
+    return "result:   not forwarded (exit 1)"
