@@ -275,11 +275,20 @@ def unseal(blob: bytes, *, keys: Sequence[bytes], secret: bytes, aad: bytes) -> 
 
 def _dumps(obj: Mapping[str, Any]) -> bytes:
     try:
-        return json.dumps(
+        text = json.dumps(
             obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, sort_keys=True
-        ).encode("utf-8")
+        )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"value is not JSON-serialisable: {exc}") from None
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate, which the provider's JSON may carry ("\ud800" is a valid escape) and
+        # json.loads hands over as is; it has no UTF-8 form, so write every non-ASCII character
+        # as a \u escape instead: json.loads reads the same strings back exactly.
+        return json.dumps(
+            obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False, sort_keys=True
+        ).encode("ascii")
 
 
 def _reject_constant(name: str) -> Any:
