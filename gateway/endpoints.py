@@ -431,6 +431,8 @@ class Gateway:
             raise ProviderUnavailable(
                 "The sign-in service cannot be reached right now. Try again in a minute."
             )
+        redirect_uri = self._redirect_uri(facts)
+        self._check_cookie_reach(facts, redirect_uri)
         binding = self._binding(request) or self.token_bytes(_BINDING_BYTES)
         now = self.clock()
         login = new_login_state(target=target, now=now, token_bytes=self.token_bytes)
@@ -443,7 +445,7 @@ class Gateway:
             nonce_bytes=self.token_bytes(12),
         )
         await self.store.set(key, blob, self.login_ttl)
-        location = self.idp.authorization_url(login, self._redirect_uri(facts))
+        location = self.idp.authorization_url(login, redirect_uri)
         response = web.Response(status=302, headers={"Location": location,
                                                      "Cache-Control": _NO_STORE})
         # One binding cookie per browser, shared by every login started in it, so logins in
@@ -459,6 +461,31 @@ class Gateway:
             path="/",
         )
         return response
+
+    def _check_cookie_reach(self, facts: RequestFacts, redirect_uri: str) -> None:
+        """Refuse to start a login that cannot finish: the binding cookie set here must reach
+        the callback's host, and the session cookie set there must come back here.
+
+        With ``public_url`` (or ``redirect_url``) on another host and no ``cookie.domain``
+        covering both, every such login would fail at the callback ("started in another
+        browser") after a round trip to the provider. Say what to configure instead.
+        """
+        callback_host = (urlsplit(redirect_uri).hostname or "").lower().removesuffix(".")
+        here = authority_host(facts.forwarded.host) or facts.host
+        domain = (self.cookie.domain or "").lower().lstrip(".").removesuffix(".")
+        if not domain:
+            reach = here == callback_host  # host-only cookies
+        else:
+            reach = all(h == domain or h.endswith("." + domain) for h in (here, callback_host))
+        if reach:
+            return
+        raise RequestError(
+            f"Signing in cannot work at {here}: the sign-in returns to {callback_host}, and "
+            "this gateway's cookies do not reach from one to the other. An administrator must "
+            "set session.cookie.domain to a domain both share, or this page must be opened at "
+            f"{callback_host}.",
+            reason="cookie_scope", status_hint=500,
+        )
 
     def _binding(self, request: web.BaseRequest) -> bytes | None:
         value = request.cookies.get(self.login_cookie, "")
@@ -557,15 +584,7 @@ class Gateway:
             issuer=self.idp.metadata.issuer,
             sid=sid if isinstance(sid, str) else None,
         )
-        try:
-            await self._save(ticket, session, now)
-        except ValueError:
-            # dump_session: claims that are not valid Unicode (lone surrogates) or not JSON.
-            self.metrics.logins.labels("failed").inc()
-            raise OIDCError(
-                "The sign-in service sent claims that cannot be stored (text that is not valid "
-                "Unicode). Tell your administrator the reference below.",
-                reason="claims_unusable", status_hint=502) from None
+        await self._save(ticket, session, now)
         self.metrics.logins.labels("ok").inc()
         log.info("login", extra={"request_id": facts.request_id, "user": identity.user,
                                  "session": short_hash(ticket.session_id)})

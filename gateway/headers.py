@@ -27,17 +27,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from gateway.errors import HeadersTooLarge
+from gateway.errors import Forbidden, HeadersTooLarge
 from gateway.models import Identity
 
 __all__ = [
     "HOP_BY_HOP",
     "IDENTITY_HEADERS",
+    "MAX_IDENTITY_VALUE",
     "Forwarded",
     "HeaderPolicy",
     "canonical",
     "check_header_limits",
     "forwarded_facts",
+    "identity_value_problem",
     "upstream_response_headers",
 ]
 
@@ -105,14 +107,47 @@ _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _clean(value: str) -> str:
-    """A header value with every control character removed (security note 8).
-
-    Dropping them (rather than refusing the request) keeps a user whose provider profile has a
-    stray newline able to work; the value cannot be split into a second header either way.
-    """
+    """A forwarding value (address chain, scheme, host) with control characters removed
+    (security note 8). Only for values the gateway derived or validated itself; identity
+    values go through :func:`identity_value_problem` instead, never through this."""
     if _CONTROL.search(value):
         value = _CONTROL.sub("", value)
     return value.strip(" ")
+
+
+# What an identity value sent upstream must not contain: C0 controls, DEL, C1 controls (U+0085
+# NEL ends a line for some parsers) and the Unicode line and paragraph separators.
+_UNSAFE_IN_IDENTITY: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAX_IDENTITY_VALUE: Final = 1024
+"""Longest user, e-mail, preferred username or group name sent as a header (characters)."""
+
+
+def identity_value_problem(
+    value: str, *, max_length: int | None = MAX_IDENTITY_VALUE
+) -> str | None:
+    """Why ``value`` cannot be sent upstream *exactly as it is*, or ``None`` when it can.
+
+    An identity value is passed on byte for byte or not at all. Cleaning it instead (dropping
+    a newline, trimming spaces) would map one account onto another: a provider account whose
+    username is ``"alice\\n"`` or ``" admins"`` would reach the app as ``alice`` or ``admins``.
+    Refused: control characters and line separators (header injection, security note 8),
+    leading or trailing whitespace, lone surrogates (not UTF-8: aiohttp would raise), the empty
+    string, and values longer than ``max_length`` (upstream header-line limits are about 8 KiB;
+    a name this long is a fault, not a user). Other non-ASCII text is sent as UTF-8.
+    """
+    if not value:
+        return "is empty"
+    if max_length is not None and len(value) > max_length:
+        return f"is longer than {max_length} characters"
+    if _UNSAFE_IN_IDENTITY.search(value):
+        return "contains a control character or a line break"
+    if value != value.strip():
+        return "begins or ends with white space"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode text"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,11 +285,19 @@ class HeaderPolicy:
     note 16); a trailing ``*`` makes an entry a prefix (``X-Auth-Request-*``); compared
     canonically. ``own_cookie_name``: the session cookie; it and every cookie named
     ``<name>_...`` (the login-binding cookie) are the gateway's and never reach an upstream.
+    ``extra_cookie_names`` are stripped the same way (the un-prefixed name when the cookie is
+    ``__Host-`` prefixed: a ticket left from before must not leak to an app either).
     """
 
-    __slots__ = ("_cookie_name", "_cookie_prefix", "_drop", "_drop_prefixes")
+    __slots__ = ("_cookie_names", "_cookie_prefixes", "_drop", "_drop_prefixes")
 
-    def __init__(self, *, strip_patterns: Sequence[str], own_cookie_name: str) -> None:
+    def __init__(
+        self,
+        *,
+        strip_patterns: Sequence[str],
+        own_cookie_name: str,
+        extra_cookie_names: Sequence[str] = (),
+    ) -> None:
         drop = set(HOP_BY_HOP) | _FORWARDING | _METHOD_OVERRIDES | {"host"}
         drop |= {canonical(h) for h in IDENTITY_HEADERS}
         prefixes: list[str] = []
@@ -269,8 +312,9 @@ class HeaderPolicy:
                 drop.add(name)
         self._drop: frozenset[str] = frozenset(drop)
         self._drop_prefixes: tuple[str, ...] = tuple(prefixes)
-        self._cookie_name = own_cookie_name
-        self._cookie_prefix = own_cookie_name + "_"
+        names = tuple(dict.fromkeys((own_cookie_name, *extra_cookie_names)))
+        self._cookie_names: tuple[str, ...] = names
+        self._cookie_prefixes: tuple[str, ...] = tuple(n + "_" for n in names)
 
     def upstream_request_headers(
         self,
@@ -293,9 +337,11 @@ class HeaderPolicy:
         ``-Proto``, ``-Host``; with an ``identity`` (protected routes; public routes pass
         ``None``): ``X-Forwarded-User``, ``-Email`` and ``-Preferred-Username`` when known,
         ``-Groups`` (comma-joined, when there are any), and ``X-Forwarded-Access-Token`` when
-        ``access_token`` is given. Control characters are removed from every added value
-        (security note 8); a group whose name contains "," is left out of ``-Groups``, since
-        it would read as two groups.
+        ``access_token`` is given. Identity values are sent exactly or not at all
+        (:func:`identity_value_problem`): a user name that cannot be sent exactly raises
+        :class:`Forbidden` (the request is refused: never another user's name); an e-mail,
+        preferred username or access token that cannot is left out; so is a group that
+        cannot, or whose name contains "," (it would read as two groups).
         """
         drop = self._drop
         keys = [canonical(name) for name, _ in headers]
@@ -325,20 +371,28 @@ class HeaderPolicy:
         out.append(("X-Forwarded-Proto", _clean(forwarded.proto)))
         out.append(("X-Forwarded-Host", _clean(forwarded.host)))
         if identity is not None:
-            out.append(("X-Forwarded-User", _clean(identity.user)))
-            if identity.email:
-                out.append(("X-Forwarded-Email", _clean(identity.email)))
+            problem = identity_value_problem(identity.user)
+            if problem is not None:
+                raise Forbidden(
+                    f"Your account name at the sign-in service {problem}, so this gateway "
+                    "cannot pass it on to the application unchanged. Ask your administrator "
+                    "to correct the account.",
+                    reason="identity_unsafe",
+                )
+            out.append(("X-Forwarded-User", identity.user))
+            if identity.email and identity_value_problem(identity.email) is None:
+                out.append(("X-Forwarded-Email", identity.email))
             groups = [
-                cleaned
-                for cleaned in (_clean(g) for g in identity.groups if "," not in g)
-                if cleaned
+                g for g in identity.groups if "," not in g and identity_value_problem(g) is None
             ]
             if groups:
                 out.append(("X-Forwarded-Groups", ",".join(groups)))
-            if identity.preferred_username:
-                out.append(("X-Forwarded-Preferred-Username", _clean(identity.preferred_username)))
-        if access_token:
-            out.append(("X-Forwarded-Access-Token", _clean(access_token)))
+            preferred = identity.preferred_username
+            if preferred and identity_value_problem(preferred) is None:
+                out.append(("X-Forwarded-Preferred-Username", preferred))
+        # Access tokens are long (JWTs): only their characters are checked, not their length.
+        if access_token and identity_value_problem(access_token, max_length=None) is None:
+            out.append(("X-Forwarded-Access-Token", access_token))
         return out
 
     def _strip_own_cookies(self, value: str) -> str:
@@ -348,7 +402,7 @@ class HeaderPolicy:
         cookies must not leak it. Names compare exactly (RFC 6265 5.4: cookie names are
         case-sensitive). Untouched values are returned as they came.
         """
-        if self._cookie_name not in value:
+        if not any(name in value for name in self._cookie_names):
             return value
         kept: list[str] = []
         removed = False
@@ -357,7 +411,7 @@ class HeaderPolicy:
             if not pair:
                 continue
             cookie = pair.partition("=")[0].strip()
-            if cookie == self._cookie_name or cookie.startswith(self._cookie_prefix):
+            if cookie in self._cookie_names or cookie.startswith(self._cookie_prefixes):
                 removed = True
                 continue
             kept.append(pair)

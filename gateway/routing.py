@@ -35,6 +35,7 @@ __all__ = [
     "host_allowed",
     "normalize_path",
     "safe_redirect_target",
+    "without_path_params",
 ]
 
 # C0 controls (NUL included), DEL and C1 controls, and the backslash: some upstreams (IIS,
@@ -119,6 +120,19 @@ def _remove_dot_segments(path: str) -> str:
     if not out:
         return "/"
     return "/" + "/".join(out) + ("/" if trailing else "")
+
+
+def without_path_params(path: str) -> str:
+    """``path`` with the ``;parameters`` of each segment removed: ``/admin;x=1/a`` → ``/admin/a``.
+
+    This is how Tomcat, Jetty and other servlet containers read a path before mapping it
+    (``;jsessionid=...``), while routes here match segments as written. The gateway matches
+    both readings and refuses the request (400) when they reach different routes: otherwise
+    ``/admin;x`` would be judged by the ``/`` route and served by the app as ``/admin``.
+    """
+    if ";" not in path:
+        return path
+    return "/".join(segment.partition(";")[0] for segment in path.split("/"))
 
 
 def encode_path(path: str) -> str:
@@ -239,6 +253,18 @@ class RouteTable:
             else:
                 tier = self._exact.setdefault(host, {})
             tier.setdefault(key, []).append(entry)
+
+    def serves(self, host: str) -> bool:
+        """Whether any route could match ``host`` (a route without a host serves every host)."""
+        host = host.lower()
+        if self._any_host or host in self._exact:
+            return True
+        dot = host.find(".")
+        while dot != -1:
+            if host[dot:] in self._wildcard:
+                return True
+            dot = host.find(".", dot + 1)
+        return False
 
     def match(self, host: str, path: str, method: str) -> RouteConfig | None:
         """The route for this (validated) host, normalised path and method, or None (404)."""

@@ -9,7 +9,7 @@ import pytest
 
 from gateway import headers as headers_module
 from gateway.config import DEFAULT_STRIP_HEADERS
-from gateway.errors import HeadersTooLarge
+from gateway.errors import Forbidden, HeadersTooLarge
 from gateway.headers import (
     IDENTITY_HEADERS,
     Forwarded,
@@ -336,23 +336,35 @@ def test_own_cookies_removed_from_every_cookie_header() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_control_characters_in_claims_are_dropped() -> None:
+def test_identity_values_that_cannot_be_sent_exactly_are_left_out() -> None:
+    # Cleaning "ops\r\n" into "ops" or " admins" into "admins" would hand the app another
+    # group (or user) than the provider named: such values are left out, never rewritten.
     identity = Identity(
         sub="s",
-        user="bob\r\nX-Injected: 1",
+        user="bob",
         email="bob@example.com\n",
-        groups=("eng", "a,b", "ops\r\n", "\x00", "q\ta"),
+        groups=("eng", "a,b", "ops\r\n", "\x00", "q\ta", " admins", "x\u2028y", "Zoë"),
         preferred_username="b\x00o\x7fb",
     )
     out = upstream([], identity=identity, access_token="tok\r\n")
     for name, value in out:
         assert not any(ord(c) < 0x20 or ord(c) == 0x7F for c in name + value), (name, value)
-    assert named(out, "X-Forwarded-User") == ["bobX-Injected: 1"]
-    assert named(out, "X-Forwarded-Email") == ["bob@example.com"]
-    assert named(out, "X-Forwarded-Groups") == ["eng,ops,qa"]  # "a,b" would split: left out
-    assert named(out, "X-Forwarded-Preferred-Username") == ["bob"]
-    assert named(out, "X-Forwarded-Access-Token") == ["tok"]
-    assert named(out, "X-Injected") == []
+    assert named(out, "X-Forwarded-User") == ["bob"]
+    assert named(out, "X-Forwarded-Email") == []
+    assert named(out, "X-Forwarded-Groups") == ["eng,Zoë"]  # "a,b" would split: left out
+    assert named(out, "X-Forwarded-Preferred-Username") == []
+    assert named(out, "X-Forwarded-Access-Token") == []
+
+
+@pytest.mark.parametrize(
+    "user",
+    ["bob\r\nX-Injected: 1", "alice\n", " alice", "alice ", "al\x00ice", "a\x85b", "\ud800",
+     "a" * 1025],
+)
+def test_a_user_name_that_cannot_be_sent_exactly_refuses_the_request(user: str) -> None:
+    with pytest.raises(Forbidden) as info:
+        upstream([], identity=Identity(sub="s", user=user), access_token=None)
+    assert info.value.reason == "identity_unsafe"
 
 
 def test_groups_header_left_out_when_no_group_survives() -> None:
