@@ -3,32 +3,42 @@
 The store only ever sees opaque bytes (sealed sessions, login states) under plain string keys
 such as ``s:<id>`` or ``l:<state>``; it knows nothing about their meaning. Two implementations:
 
-* :class:`MemoryStore` — a dict for one process (``session.store: memory``, the demo, tests).
-* :class:`RedisStore` — shared by every replica. It is tuned to *fail fast*: redis-py's default
-  retry policy (security note 15) kept a request waiting 3.6 s before failing with Redis down.
-  Here every Redis, OS or timeout error becomes :class:`~gateway.errors.SessionStoreError`
-  (503, fail closed) within about one connect/command timeout.
+* :class:`MemoryStore` — a bounded dict for one process (``session.store: memory``, the demo,
+  tests).
+* :class:`RedisStore` — shared by every replica: one Redis server, a Sentinel-managed master, or
+  a Redis Cluster (``session.redis``). It is tuned to *fail fast*: redis-py's default retry
+  policy (security note 15) kept a request waiting 3.6 s before failing with Redis down. Here
+  every Redis, OS or timeout error becomes :class:`~gateway.errors.SessionStoreError` (503,
+  fail closed) within a bounded time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
+import logging
 import math
 import time
-from collections.abc import Callable
-from typing import Final, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Protocol, cast, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
+from gateway.config import SessionConfig
 from gateway.errors import SessionStoreError
 
-__all__ = ["MemoryStore", "RedisStore", "SessionStore"]
+__all__ = ["MemoryStore", "RedisStore", "SessionStore", "store_from_config"]
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -70,27 +80,64 @@ def _check_ttl(ttl: float) -> None:
         raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
 
 
-class MemoryStore:
-    """An in-process store: a dict with a deadline per key, read against an injectable clock.
+def store_from_config(session: SessionConfig) -> SessionStore:
+    """The store ``session`` describes: memory, or Redis (single server, Sentinel or Cluster)."""
+    if session.store == "memory":
+        return MemoryStore(max_entries=session.memory_max_sessions)
+    return RedisStore.from_config(session)
 
-    Expired entries are invisible at once and purged opportunistically: every write drops at
+
+# ---------------------------------------------------------------------------------------------
+# MemoryStore
+# ---------------------------------------------------------------------------------------------
+
+
+class MemoryStore:
+    """An in-process store: a bounded dict with a deadline per key, read against a clock.
+
+    Expired entries are invisible at once and swept opportunistically: every write drops at
     most :attr:`PURGE_BATCH` expired entries (found through a heap of deadlines), so no single
     call does unbounded work and memory does not grow with sessions nobody comes back for.
     The clock defaults to ``time.monotonic`` because TTLs are durations; a wall-clock jump must
     not expire or resurrect sessions.
+
+    **When full** (``max_entries`` live sessions and pending logins), a write of a *new* key is
+    refused with SessionStoreError (503) after sweeping every expired entry; rewriting or
+    deleting an existing key always works. Refusing rather than evicting the oldest entry is
+    deliberate: pending logins are created by anyone who can reach ``/oauth2/start``, so with
+    eviction an unauthenticated flood would silently sign every user out; with refusal the
+    flood can at worst stop *new* sign-ins until its entries expire (10 minutes), while everyone
+    signed in stays signed in, and the operator sees a log line saying why.
     """
 
     PURGE_BATCH: Final = 64
+    DEFAULT_MAX_ENTRIES: Final = 100_000
+    # At most one "store full" warning per this many seconds: a flood must not flood the logs.
+    FULL_LOG_INTERVAL: Final = 60.0
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self._clock = clock
+        self._max_entries = max_entries
         self._entries: dict[str, tuple[bytes, float]] = {}
         # (deadline, key) pairs; stale ones (key rewritten or deleted) are skipped when popped.
         self._deadlines: list[tuple[float, str]] = []
+        self._full_logged_at: float | None = None
+        self.refused = 0  # writes refused because the store was full (metrics and tests)
 
     def __len__(self) -> int:
         """Entries held, including expired ones not purged yet (for metrics and tests)."""
         return len(self._entries)
+
+    @property
+    def max_entries(self) -> int:
+        return self._max_entries
 
     def _live(self, key: str) -> bytes | None:
         entry = self._entries.get(key)
@@ -102,13 +149,14 @@ class MemoryStore:
             return None
         return value
 
-    def _purge(self) -> None:
+    def _purge(self, limit: int | None = PURGE_BATCH) -> None:
+        """Drop expired entries: at most ``limit`` of them, or all with ``limit=None``."""
         now = self._clock()
         heap = self._deadlines
-        for _ in range(self.PURGE_BATCH):
-            if not heap or heap[0][0] > now:
-                break
+        dropped = 0
+        while heap and heap[0][0] <= now and (limit is None or dropped < limit):
             deadline, key = heapq.heappop(heap)
+            dropped += 1
             entry = self._entries.get(key)
             if entry is not None and entry[1] == deadline:
                 del self._entries[key]
@@ -117,11 +165,33 @@ class MemoryStore:
             self._deadlines = [(deadline, key) for key, (_, deadline) in self._entries.items()]
             heapq.heapify(self._deadlines)
 
+    def _make_room(self, key: str) -> None:
+        """Raise SessionStoreError if ``key`` is new and the store holds ``max_entries``."""
+        if key in self._entries or len(self._entries) < self._max_entries:
+            return
+        self._purge(limit=None)  # full: sweep every expired entry before refusing
+        if key in self._entries or len(self._entries) < self._max_entries:
+            return
+        self.refused += 1
+        now = self._clock()
+        if self._full_logged_at is None or now - self._full_logged_at >= self.FULL_LOG_INTERVAL:
+            self._full_logged_at = now
+            log.warning(
+                "memory session store full: new sessions and sign-ins are refused (503) "
+                "until entries expire; existing sessions keep working",
+                extra={"max_entries": self._max_entries, "refused": self.refused},
+            )
+        raise SessionStoreError(
+            f"the in-memory session store is full ({self._max_entries} sessions and pending "
+            "sign-ins); raise session.memory_max_sessions or use store: redis"
+        )
+
     async def get(self, key: str) -> bytes | None:
         return self._live(key)
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         _check_ttl(ttl)
+        self._make_room(key)
         deadline = self._clock() + ttl
         self._entries[key] = (bytes(value), deadline)
         heapq.heappush(self._deadlines, (deadline, key))
@@ -143,6 +213,11 @@ class MemoryStore:
     async def close(self) -> None:
         self._entries.clear()
         self._deadlines.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# RedisStore
+# ---------------------------------------------------------------------------------------------
 
 
 def _describe_url(url: str) -> tuple[str, str | None]:
@@ -168,6 +243,53 @@ def _describe_url(url: str) -> tuple[str, str | None]:
     return f"{parts.scheme}://{host}:{port_text}/{db}", password
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _retry() -> Retry:
+    """One retry, on connection errors only, after at most 0.1 s (see RedisStore)."""
+    return Retry(ExponentialBackoff(cap=0.1, base=0.02), 1, (RedisConnectionError,))
+
+
+def _timeouts(connect_timeout: float, command_timeout: float) -> dict[str, Any]:
+    return {
+        "socket_connect_timeout": connect_timeout,
+        "socket_timeout": command_timeout,
+        "retry": _retry(),
+    }
+
+
+def _tls(tls_ca_file: str | None) -> dict[str, Any]:
+    # Certificate and host name checks stay at redis-py's defaults (required, on): a CA file
+    # only says whom to trust, never whether to check.
+    return {} if tls_ca_file is None else {"ssl_ca_certs": tls_ca_file}
+
+
+def _invalid(name: str, exc: BaseException, redact: Sequence[str]) -> ValueError:
+    message = str(exc)
+    for secret in redact:
+        message = message.replace(secret, "***")
+    return ValueError(f"invalid redis URL {name}: {message}")
+
+
+class _FollowMasterPool(SentinelConnectionPool):
+    """A Sentinel pool that, on learning a new master address, drops *every* connection.
+
+    redis-py's pool drops only the idle ones; a connection busy at that moment went back to the
+    pool afterwards still pointing at the old master, which after a planned failover accepts
+    (and later loses) writes for seconds. A command cut off this way fails over through the
+    store's one retry on connection errors.
+    """
+
+    async def get_master_address(self) -> Any:
+        previous = self.master_address
+        address = await super().get_master_address()  # type: ignore[no-untyped-call]
+        if previous is not None and address != previous:
+            await self.disconnect(inuse_connections=True)
+        return address
+
+
 class RedisStore:
     """Redis-backed store shared by all replicas; every key gets ``prefix`` in front.
 
@@ -176,27 +298,82 @@ class RedisStore:
     * explicit ``socket_connect_timeout`` / ``socket_timeout`` — a hung Redis must not hang
       requests;
     * one retry, only on connection errors, after at most 0.1 s — that is what recovers a pooled
-      connection that Redis closed on restart, while a Redis that is down fails in milliseconds
-      and a hung one in one timeout rather than one per retry (redis-py's default is 10 retries);
-    * an overall deadline per operation (connect + command timeout) as a backstop;
-    * every failure becomes SessionStoreError naming the server (never the password), so the
+      connection that Redis closed on restart, or that still points at a master Sentinel has
+      just demoted, while a Redis that is down fails in milliseconds and a hung one in one
+      timeout rather than one per retry (redis-py's default is 10 retries);
+    * an overall deadline per operation as a backstop (connect + command timeout; Sentinel and
+      Cluster add one discovery round trip);
+    * every failure becomes SessionStoreError naming the server (never a password), so the
       gateway answers 503 instead of letting a request through.
+
+    Only single-key commands are used (GET, SET PX, DEL, GETDEL), so a Redis Cluster spreads
+    sessions over all its slots and no command ever spans two of them.
+
+    With Sentinel, a pooled connection keeps talking to the server it connected to. After a
+    crash that server is gone, but after a planned failover (``SENTINEL FAILOVER``) the old
+    master stays a writable master for about ten more seconds until the sentinel reconfigures
+    it: sessions written there in that window would be lost. So at most once per
+    :attr:`MASTER_RECHECK` seconds, in the background, the store asks a sentinel where the
+    master is and drops every connection to a server that is no longer it.
     """
+
+    MASTER_RECHECK: Final = 1.0
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         *,
         name: str,
         prefix: str = "oidcgw:",
         deadline: float = 2.0,
         password: str | None = None,
+        redact: Sequence[str] = (),
+        sentinel: Sentinel | None = None,
+        tls_ca_file: str | None = None,
     ) -> None:
         self._client = client
+        self._tls_ca_file = tls_ca_file
         self._name = name
         self._prefix = prefix
         self._deadline = deadline
-        self._password = password
+        self._redact = tuple(s for s in (password, *redact) if s)
+        self._sentinel = sentinel
+        self._master_pool = (
+            None if sentinel is None or not isinstance(client, Redis)
+            else cast(_FollowMasterPool, client.connection_pool)
+        )
+        self._master_checked_at = -math.inf
+        self._master_check: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, session: SessionConfig) -> RedisStore:
+        """The Redis store of ``session.redis_url`` and ``session.redis`` (validated config)."""
+        redis = session.redis
+        common: dict[str, Any] = {
+            "prefix": session.key_prefix,
+            "connect_timeout": session.redis_timeout,
+            "command_timeout": session.redis_timeout,
+            "username": redis.username,
+            "password": redis.password.get_secret_value() if redis.password else None,
+            "tls_ca_file": redis.tls_ca_file,
+        }
+        sentinel = redis.sentinel
+        if sentinel.master is not None:
+            url_set = "redis_url" in session.model_fields_set
+            return cls.from_sentinel(
+                sentinel.master,
+                sentinel.addresses,
+                url=session.redis_url if url_set else "redis:///0",
+                sentinel_password=(
+                    sentinel.password.get_secret_value() if sentinel.password else None
+                ),
+                **common,
+            )
+        if redis.cluster:
+            return cls.from_cluster(session.redis_url, **common)
+        return cls.from_url(session.redis_url, **common)
 
     @classmethod
     def from_url(
@@ -207,36 +384,173 @@ class RedisStore:
         connect_timeout: float = 1.0,
         command_timeout: float = 1.0,
         health_check_interval: int = 30,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca_file: str | None = None,
     ) -> RedisStore:
-        """Build a store for ``redis://``, ``rediss://`` or ``unix://`` URLs.
+        """Build a store for one server: ``redis://``, ``rediss://`` (TLS) or ``unix://`` URLs.
 
-        Raises ``ValueError`` for a URL redis-py cannot use; the message never contains the
-        password. No connection is made here: the first command (or :meth:`ping`) connects.
+        ``username``/``password`` are for when they are not in the URL. Raises ``ValueError``
+        for settings redis-py cannot use; the message never contains a password. No connection
+        is made here: the first command (or :meth:`ping`) connects.
         """
-        name, password = _describe_url(url)
+        name, url_password = _describe_url(url)
+        redact = [s for s in (url_password, password) if s]
+        if tls_ca_file is not None and urlsplit(url).scheme != "rediss":
+            raise ValueError(f"invalid redis settings for {name}: a CA file needs a rediss:// URL")
         try:
             client = Redis.from_url(
                 url,
-                socket_connect_timeout=connect_timeout,
-                socket_timeout=command_timeout,
-                retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 1, (RedisConnectionError,)),
-                retry_on_timeout=False,
+                **_timeouts(connect_timeout, command_timeout),
+                **_credentials(username, password),
+                **_tls(tls_ca_file),
                 health_check_interval=health_check_interval,
                 client_name="oidc-gateway",
                 decode_responses=False,
             )
         except (ValueError, TypeError) as exc:
-            message = str(exc)
-            if password:
-                message = message.replace(password, "***")
-            raise ValueError(f"invalid redis URL {name}: {message}") from None
+            raise _invalid(name, exc, redact) from None
         return cls(
             client,
             name=name,
             prefix=prefix,
             deadline=connect_timeout + command_timeout,
-            password=password,
+            redact=redact,
+            tls_ca_file=tls_ca_file,
         )
+
+    @classmethod
+    def from_sentinel(
+        cls,
+        master: str,
+        nodes: Sequence[tuple[str, int]],
+        *,
+        url: str = "redis:///0",
+        sentinel_password: str | None = None,
+        prefix: str = "oidcgw:",
+        connect_timeout: float = 1.0,
+        command_timeout: float = 1.0,
+        health_check_interval: int = 30,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca_file: str | None = None,
+    ) -> RedisStore:
+        """Build a store for the master that the sentinels at ``nodes`` know as ``master``.
+
+        ``url`` gives everything but the address (the sentinels know that): ``rediss://`` for
+        TLS (to the sentinels too), credentials, and the database, e.g. ``rediss:///0``; a host
+        in it is ignored. Every new connection asks a sentinel for the current master, and a
+        connection to a master that was demoted fails (``READONLY`` is turned into a connection
+        error by redis-py), so after a failover the one retry lands on the new master.
+        """
+        if not nodes:
+            raise ValueError(f"invalid redis settings for sentinel master {master!r}: no nodes")
+        scheme = urlsplit(url).scheme
+        name = (f"{scheme}+sentinel://{','.join(_address(h, p) for h, p in nodes)}"
+                f"/{master}")
+        redact = [s for s in (password, sentinel_password) if s]
+        try:
+            options: dict[str, Any] = dict(parse_url(url))
+        except ValueError as exc:
+            raise _invalid(name, exc, redact) from None
+        if options.get("password"):
+            redact.append(str(options["password"]))
+        options.pop("host", None)
+        options.pop("port", None)
+        connection_class = options.pop("connection_class", None)
+        if scheme not in ("redis", "rediss") or connection_class not in (None, SSLConnection):
+            raise ValueError(f"invalid redis settings for {name}: use a redis:// or rediss:// URL")
+        tls: dict[str, Any] = {}
+        if scheme == "rediss":
+            tls = {"ssl": True, **_tls(tls_ca_file)}
+        elif tls_ca_file is not None:
+            raise ValueError(f"invalid redis settings for {name}: a CA file needs rediss://")
+        name += f"/{options.get('db', 0)}"
+        # The sentinels: same TLS as the data nodes, their own (optional) password, and the
+        # same fail-fast timeouts (redis-py would copy only the socket_* options).
+        sentinel_options: dict[str, Any] = {
+            **_timeouts(connect_timeout, command_timeout),
+            **tls,
+            **_credentials(None, sentinel_password),
+            "client_name": "oidc-gateway",
+        }
+        try:
+            manager = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+                list(nodes), sentinel_kwargs=sentinel_options
+            )
+            client = manager.master_for(
+                master,
+                connection_pool_class=_FollowMasterPool,
+                **{
+                    **options,
+                    **_timeouts(connect_timeout, command_timeout),
+                    **_credentials(username, password),
+                    **tls,
+                    "health_check_interval": health_check_interval,
+                    "client_name": "oidc-gateway",
+                    "decode_responses": False,
+                },
+            )
+        except (ValueError, TypeError) as exc:
+            raise _invalid(name, exc, redact) from None
+        return cls(
+            client,
+            name=name,
+            prefix=prefix,
+            # Asking a sentinel is one more connect + command before the master's own.
+            deadline=2 * (connect_timeout + command_timeout),
+            redact=redact,
+            sentinel=manager,
+            tls_ca_file=tls_ca_file,
+        )
+
+    @classmethod
+    def from_cluster(
+        cls,
+        url: str,
+        *,
+        prefix: str = "oidcgw:",
+        connect_timeout: float = 1.0,
+        command_timeout: float = 1.0,
+        health_check_interval: int = 30,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca_file: str | None = None,
+    ) -> RedisStore:
+        """Build a store for the Redis Cluster that the node at ``url`` belongs to.
+
+        The client learns every node and slot from that first node (``CLUSTER SLOTS``) and
+        follows ``MOVED`` redirects after a resharding or failover; the URL names one node
+        only, so point it at a name that resolves to several (a Kubernetes Service, DNS).
+        """
+        name, url_password = _describe_url(url)
+        name = name.replace("://", "+cluster://", 1).rsplit("/", 1)[0]
+        redact = [s for s in (url_password, password) if s]
+        if tls_ca_file is not None and urlsplit(url).scheme != "rediss":
+            raise ValueError(f"invalid redis settings for {name}: a CA file needs a rediss:// URL")
+        try:
+            client = RedisCluster.from_url(
+                url,
+                **_timeouts(connect_timeout, command_timeout),
+                **_credentials(username, password),
+                **_tls(tls_ca_file),
+                health_check_interval=health_check_interval,
+                client_name="oidc-gateway",
+                decode_responses=False,
+            )
+        except (ValueError, TypeError, RedisClusterException) as exc:
+            raise _invalid(name, exc, redact) from None
+        return cls(
+            client,
+            name=name,
+            prefix=prefix,
+            # Learning the slots is one more connect + command before the first command.
+            deadline=2 * (connect_timeout + command_timeout),
+            redact=redact,
+            tls_ca_file=tls_ca_file,
+        )
+
+    # ------------------------------------------------------------------ operations
 
     @property
     def name(self) -> str:
@@ -248,12 +562,18 @@ class RedisStore:
 
     def _error(self, what: str, exc: BaseException) -> SessionStoreError:
         detail = str(exc) or type(exc).__name__
-        if self._password:
-            detail = detail.replace(self._password, "***")
+        for secret in self._redact:
+            detail = detail.replace(secret, "***")
         if isinstance(exc, ResponseError) and "unknown command" in detail.lower():
             detail += " (the session store needs Redis 6.2 or newer)"
         if isinstance(exc, TimeoutError) and not str(exc):
             detail = f"no answer within {self._deadline:g} s"
+        if self._tls_ca_file is not None and "No such file" in detail:
+            detail += f" (session.redis.tls_ca_file: {self._tls_ca_file})"
+        elif "CERTIFICATE_VERIFY_FAILED" in detail or "certificate verify failed" in detail:
+            detail += (" (the server's certificate is not signed by a CA in "
+                       + (self._tls_ca_file or "the system's store: set session.redis.tls_ca_file")
+                       + ", or does not name the host you connect to)")
         return SessionStoreError(f"session store {self._name}: {what} failed: {detail}")
 
     def _bytes_or_none(self, what: str, value: object) -> bytes | None:
@@ -263,11 +583,41 @@ class RedisStore:
             f"session store {self._name}: {what} answered {type(value).__name__}, expected bytes"
         )
 
+    # RedisClusterException is not a RedisError (no nodes reachable, slots not covered...).
+    _FAILURES: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+    def _watch_master(self) -> None:
+        """Sentinel only: start a background master check if the last one is old enough."""
+        if self._master_pool is None:
+            return
+        now = time.monotonic()
+        if now - self._master_checked_at < self.MASTER_RECHECK or (
+            self._master_check is not None and not self._master_check.done()
+        ):
+            return
+        self._master_checked_at = now
+        self._master_check = asyncio.create_task(self._check_master(), name="redis-master-check")
+
+    async def _check_master(self) -> None:
+        pool = self._master_pool
+        if pool is None:
+            return
+        try:
+            async with asyncio.timeout(self._deadline):
+                # On a new address the pool drops every connection (_FollowMasterPool).
+                await pool.get_master_address()
+        except self._FAILURES as exc:
+            # Not a request's failure: the sentinels may be down while the master serves. The
+            # next connection attempt (which asks a sentinel too) reports real trouble.
+            log.debug("sentinel master check failed", extra={"store": self._name,
+                                                              "error": type(exc).__name__})
+
     async def get(self, key: str) -> bytes | None:
+        self._watch_master()
         try:
             async with asyncio.timeout(self._deadline):
                 value = await self._client.get(self._key(key))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except self._FAILURES as exc:
             raise self._error("GET", exc) from exc
         return self._bytes_or_none("GET", value)
 
@@ -275,36 +625,68 @@ class RedisStore:
         _check_ttl(ttl)
         # Milliseconds, rounded up so a short TTL never becomes 0 (which Redis rejects).
         px = max(1, math.ceil(ttl * 1000))
+        self._watch_master()
         try:
             async with asyncio.timeout(self._deadline):
                 await self._client.set(self._key(key), value, px=px)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except self._FAILURES as exc:
             raise self._error("SET", exc) from exc
 
     async def delete(self, key: str) -> None:
+        self._watch_master()
         try:
             async with asyncio.timeout(self._deadline):
                 await self._client.delete(self._key(key))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except self._FAILURES as exc:
             raise self._error("DEL", exc) from exc
 
     async def pop(self, key: str) -> bytes | None:
+        self._watch_master()
         try:
             async with asyncio.timeout(self._deadline):
                 value = await self._client.getdel(self._key(key))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except self._FAILURES as exc:
             raise self._error("GETDEL", exc) from exc
         return self._bytes_or_none("GETDEL", value)
 
     async def ping(self) -> None:
+        self._watch_master()
         try:
             async with asyncio.timeout(self._deadline):
-                await self._client.ping()
-        except (RedisError, OSError, TimeoutError) as exc:
+                if isinstance(self._client, RedisCluster):
+                    # Every master, not one random node: ready means every slot is served (with
+                    # a master down and no replica, Redis Cluster refuses all keys anyway).
+                    await self._client.ping(target_nodes=RedisCluster.PRIMARIES)
+                else:
+                    await self._client.ping()
+        except self._FAILURES as exc:
             raise self._error("PING", exc) from exc
 
     async def close(self) -> None:
+        if self._master_check is not None:
+            self._master_check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._master_check
         try:
             await self._client.aclose()
-        except (RedisError, OSError) as exc:
+            if isinstance(self._client, RedisCluster):
+                # redis-py 8.1: after a node failure the client is marked for re-initialisation
+                # and its aclose() then returns without closing anything, leaking a socket per
+                # node. Close the nodes it knows of ourselves (a no-op when already closed).
+                nodes = self._client.nodes_manager
+                await nodes.aclose()
+                await nodes.aclose("startup_nodes")
+            if self._sentinel is not None:
+                await self._sentinel.aclose()
+        except self._FAILURES as exc:
             raise self._error("close", exc) from exc
+
+
+def _credentials(username: str | None, password: str | None) -> dict[str, Any]:
+    """Only what is given: an absent key keeps what the URL says."""
+    out: dict[str, Any] = {}
+    if username:
+        out["username"] = username
+    if password:
+        out["password"] = password
+    return out

@@ -344,6 +344,57 @@ async def test_memory_store_rewrite_keeps_latest_deadline() -> None:
     assert await store.get("s:k") == b"long"
 
 
+async def test_memory_store_full_refuses_new_keys_and_keeps_existing_ones(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Refuse, never evict: an unauthenticated flood of logins must not sign anyone out."""
+    clock = FakeClock()
+    store = MemoryStore(clock=clock, max_entries=3)
+    await store.set("s:alice", b"alice", 100)
+    await store.set("l:1", b"login", 10)
+    await store.set("l:2", b"login", 10)
+    with caplog.at_level("WARNING", logger="gateway.store"):
+        for attempt in range(3):
+            with pytest.raises(SessionStoreError, match=r"session\.memory_max_sessions") as info:
+                await store.set(f"l:flood-{attempt}", b"login", 10)
+            assert info.value.status_hint == 503
+    # One log line for the burst, not one per refused write.
+    full = [r for r in caplog.records if "memory session store full" in r.getMessage()]
+    assert len(full) == 1
+    assert store.refused == 3
+    # Signed-in users are untouched and can still be rewritten (idle-timeout updates).
+    assert await store.get("s:alice") == b"alice"
+    await store.set("s:alice", b"alice-touched", 100)
+    assert await store.get("s:alice") == b"alice-touched"
+    # A used login state frees its slot at once...
+    assert await store.pop("l:1") == b"login"
+    await store.set("s:bob", b"bob", 100)
+    # ...and so does expiry: a full store sweeps every expired entry before refusing.
+    clock.now += 11
+    await store.set("s:carol", b"carol", 100)
+    assert len(store) == 3  # alice, bob, carol; l:2 was swept
+    assert await store.get("l:2") is None
+
+
+async def test_memory_store_refusal_is_logged_again_after_the_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock, max_entries=1)
+    await store.set("s:one", b"v", 10_000)
+    with caplog.at_level("WARNING", logger="gateway.store"):
+        for _ in range(2):
+            with pytest.raises(SessionStoreError):
+                await store.set("s:two", b"v", 10)
+            clock.now += MemoryStore.FULL_LOG_INTERVAL
+    assert sum("memory session store full" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_memory_store_bound_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_entries"):
+        MemoryStore(max_entries=0)
+
+
 # --------------------------------------------------------------------------- RedisStore
 
 
