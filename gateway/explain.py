@@ -146,7 +146,8 @@ def explain(
 
     # endpoints.Gateway._proxy: the same HeaderPolicy, built from the same keys.
     policy = HeaderPolicy(
-        strip_patterns=config.server.strip_headers, own_cookie_name=config.session.cookie.effective_name
+        strip_patterns=config.server.strip_headers,
+        own_cookie_name=config.session.cookie.effective_name,
     )
     sent = policy.upstream_request_headers(
         list(headers),
