@@ -1,0 +1,370 @@
+"""The servers the benchmark measures, started on 127.0.0.1 and always stopped again.
+
+Every server runs in its own process group (so a gateway or nginx that forks is stopped whole)
+and gets ``PR_SET_PDEATHSIG`` on Linux, so that even a bench killed with SIGKILL (a CI timeout)
+leaves nothing listening. :class:`Harness` is a context manager: whatever happens inside, every
+process it started is stopped on the way out. Redis and the test OpenID Provider come from
+``tests/support/peers.py``, the same helpers the integration tests use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support.gateway_proc import gateway_config, new_session_key
+from tests.support.peers import OidcProviderServer, RedisServer, ensure_op_installed, free_port
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+NGINX_TEMPLATE = BENCH_DIR / "upstream" / "nginx.conf.in"
+NGINX_LOCATIONS = BENCH_DIR / "upstream" / "locations.conf"
+
+SMALL_BODY = b"upstream ok: fixed 64-byte benchmark body .....................\n"
+ONE_MIB = 1024 * 1024
+START_DEADLINE = 30.0
+STOP_DEADLINE = 5.0
+POLL = 0.05  # between probes of a bounded wait
+
+_PR_SET_PDEATHSIG = 1
+
+
+class HarnessError(RuntimeError):
+    """A server could not be started or is missing; the message says what to install or read."""
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+def find_program(name: str, debian_package: str) -> str:
+    """The path of a program, looking in /usr/sbin too (nginx lives there)."""
+    found = shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if p.exists()), None)
+    if not found:
+        raise HarnessError(f"{name} is not installed (Debian: apt-get install {debian_package})")
+    return found
+
+
+class Service:
+    """One server process, leader of its own process group, output in a log file."""
+
+    def __init__(self, name: str, args: Sequence[str], log_path: Path, *,
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.name = name
+        self.args = list(args)
+        self.log_path = log_path
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise HarnessError(f"{self.name} is not started")
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # PDEATHSIG follows the thread that forks: only set it from the main thread.
+        preexec = _die_with_parent if threading.current_thread() is threading.main_thread() \
+            else None
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(  # noqa: S603 - fixed argument lists built here
+                self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=self.env, cwd=self.cwd, start_new_session=True, preexec_fn=preexec,
+            )
+
+    def wait_until(self, ready: Callable[[], bool], what: str,
+                   deadline_s: float = START_DEADLINE) -> None:
+        deadline = time.monotonic() + deadline_s
+        while not ready():
+            if not self.alive():
+                code = self.proc.returncode if self.proc else None
+                raise HarnessError(f"{self.name} exited (code {code}) before {what}; its log "
+                                   f"{self.log_path}:\n{_tail(self.log_path)}")
+            if time.monotonic() > deadline:
+                raise HarnessError(f"{self.name}: not {what} after {deadline_s:.0f} s; its log "
+                                   f"{self.log_path}:\n{_tail(self.log_path)}")
+            time.sleep(POLL)
+
+    def stop(self) -> None:
+        """SIGTERM to the whole group, SIGKILL after a bounded wait. Safe to call twice."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(STOP_DEADLINE)
+        # Whatever is left of the group (the leader, or children it forked) goes now.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(STOP_DEADLINE)
+
+
+def http_status(url_host: str, port: int, path: str, *, accept: str = "*/*",
+                timeout: float = 1.0) -> int | None:
+    """Status of one GET to 127.0.0.1, or None when nothing answers."""
+    conn = http.client.HTTPConnection(url_host, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Accept": accept})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------- /proc
+
+
+def proc_status_kib(pid: int, field: str) -> int | None:
+    """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM), or None if the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a gateway may fork worker processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name is in parentheses and may contain spaces: split after the last ")".
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree: list[int] = []
+    todo = [pid]
+    while todo and len(tree) < 10_000:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def listener_pids(port: int) -> set[int]:
+    """Every process holding the listening TCP socket on 127.0.0.1:``port`` (nginx, Apache and
+    a multi-process gateway share one among several processes), plus their descendants."""
+    wanted = f"0100007F:{port:04X}"
+    inodes = set()
+    try:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 9 and fields[1] == wanted and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    except OSError:
+        return set()
+    pids: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                pids.add(int(entry.name))
+        except OSError:
+            continue
+    for pid in list(pids):
+        pids.update(process_tree(pid))
+    return pids
+
+
+def cpu_seconds(pids: set[int]) -> dict[int, float]:
+    """User + system CPU seconds used so far by each live process of ``pids``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        used[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return used
+
+
+def tree_status_kib(pid: int, field: str) -> tuple[int, int]:
+    """Sum of a /proc status field over a process tree, and the number of processes."""
+    values = [v for p in process_tree(pid) if (v := proc_status_kib(p, field)) is not None]
+    return sum(values), len(values)
+
+
+# ------------------------------------------------------------------------------------- servers
+
+
+class Harness(contextlib.ExitStack):
+    """Starts the bench's servers in ``run_dir``; leaving the ``with`` block stops them all."""
+
+    def __init__(self, run_dir: Path, *, gateway_settings: Mapping[str, Any] | None = None,
+                 gateway_src: Path = REPO_DIR) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+        self.gateway_src = gateway_src
+        self.gateway_settings = dict(gateway_settings or {})
+        self.redis: RedisServer | None = None
+        self.op: OidcProviderServer | None = None
+        self.upstream_url = ""
+        self.gateway_url = ""
+        self.gateway: Service | None = None
+        self.session_key = new_session_key()
+        self.key_prefix = "bench:"
+        self.config: dict[str, Any] = {}
+
+    def start_all(self, *, log: Callable[[str], None]) -> None:
+        """Redis, upstream and OP first (the OP's start overlaps the others), then the gateway."""
+        nginx = find_program("nginx", "nginx-light")
+        find_program("wrk", "wrk")
+        ensure_op_installed()
+        op = OidcProviderServer(self.run_dir / "oidc-provider.log")
+        op.launch()
+        self.callback(op.stop)
+        self.op = op
+        redis = RedisServer(self.run_dir / "redis", persist=False)
+        self.callback(redis.stop)
+        redis.start()
+        self.redis = redis
+        self.upstream_url = self._start_upstream(nginx)
+        op.wait_ready()
+        log(f"redis {redis.url}, upstream {self.upstream_url}, provider {op.issuer}")
+        self.gateway_url = self._start_gateway()
+        log(f"gateway {self.gateway_url} (pid {self.gateway_pid}), config {self.config_path}")
+
+    # nginx ------------------------------------------------------------------------------------
+
+    def _start_upstream(self, nginx: str) -> str:
+        folder = self.run_dir / "upstream"
+        (folder / "tmp").mkdir(parents=True, exist_ok=True)
+        # Deterministic, incompressible-looking bytes: nothing on the way may shrink them.
+        (folder / "bench-1m.bin").write_bytes(bytes(range(256)) * (ONE_MIB // 256))
+        port = free_port()
+        text = NGINX_TEMPLATE.read_text().replace("@PORT@", str(port)).replace(
+            "@LOCATIONS@", str(NGINX_LOCATIONS))
+        conf = folder / "nginx.conf"
+        conf.write_text(text)
+        service = Service("nginx upstream", [nginx, "-p", f"{folder}/", "-e", "error.log",
+                                             "-c", str(conf)], folder / "stdout.log")
+        service.start()
+        self.callback(service.stop)
+        service.wait_until(lambda: http_status("127.0.0.1", port, "/healthz") == 200,
+                           f"answering on 127.0.0.1:{port}")
+        return f"http://127.0.0.1:{port}"
+
+    # gateway ----------------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "gateway.yaml"
+
+    @property
+    def gateway_pid(self) -> int:
+        if self.gateway is None:
+            raise HarnessError("the gateway is not started")
+        return self.gateway.pid
+
+    def _start_gateway(self) -> str:
+        if self.op is None or self.redis is None:
+            raise HarnessError("start the provider and Redis first")
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        client_id, client_secret = self.op.register_client([f"{url}/oauth2/callback"])
+        config = gateway_config(
+            port=port, issuer=self.op.issuer, client_id=client_id, client_secret=client_secret,
+            upstream=self.upstream_url, store="redis", redis_url=self.redis.url,
+            key_prefix=self.key_prefix, session_key=self.session_key,
+            # Every path needs a session, as in the peer's Apache (<Location /> valid-user).
+            routes=[{"name": "app", "match": {"path": "/"}, "upstream": self.upstream_url}],
+        )
+        # Like the peer: no access log on either side (logins still log at info).
+        config["logging"] = {"level": "info", "format": "json", "access_log": False}
+        for dotted, value in self.gateway_settings.items():
+            _set_dotted(config, dotted, value)
+        self.config = config
+        self.config_path.write_text(yaml.safe_dump(config))
+        service = Service(
+            "gateway", [sys.executable, "-m", "gateway", "run", "-c", str(self.config_path)],
+            self.run_dir / "gateway.log", cwd=self.gateway_src, env=gateway_env(self.gateway_src),
+        )
+        service.start()
+        self.callback(service.stop)
+        self.gateway = service
+        service.wait_until(lambda: http_status("127.0.0.1", port, "/ready") == 200,
+                           f"ready on {url}/ready")
+        return url
+
+    def gateway_log_tail(self) -> str:
+        return _tail(self.run_dir / "gateway.log")
+
+
+def gateway_env(gateway_src: Path) -> dict[str, str]:
+    """Environment for a process that must import the gateway from ``gateway_src``.
+
+    ``python -m`` puts the working directory first on sys.path, ahead of the editable install
+    of this checkout; PYTHONPATH adds this checkout after it for ``bench`` and ``tests``.
+    """
+    env = dict(os.environ)
+    if gateway_src.resolve() != REPO_DIR:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_DIR), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
+    """``server.listen`` style assignment into the generated config (``--set``)."""
+    parts = dotted.split(".")
+    node = config
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise HarnessError(f"--set {dotted}: {part} is not a mapping in the config")
+        node = child
+    node[parts[-1]] = value
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """SIGTERM/SIGHUP become KeyboardInterrupt, so the ``finally`` blocks stop every server."""
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)

@@ -1,0 +1,79 @@
+"""The benchmark works end to end: ``python -m bench --smoke`` (every case for about a second).
+
+It is a benchmark, not a test of speed: CI only checks that it still starts everything, logs
+in, measures every case and prints the table a maintainer reads. It needs ``wrk`` and ``nginx``
+(Debian packages ``wrk`` and ``nginx-light``, installed by ``.ci/run``); without them the bench
+fails with the package to install, and so does this test.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+OURS = "oidc-gateway"
+DIRECT = "direct upstream"
+SIGNED_IN_GET = "GET 64 B, signed in"
+# Every case of the table, and whether it also runs against the upstream directly.
+CASES = {
+    SIGNED_IN_GET: True,
+    "GET 1 MB, signed in": True,
+    "POST 10 MB upload, signed in": True,
+    "GET, no session, browser (302 to provider)": False,
+    "GET, no session, API (401)": False,
+    "full login flow": False,
+}
+
+
+def _number(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
+def _first_table(stdout: str) -> dict[tuple[str, str], list[str]]:
+    """(case title, target) → cells of the first Markdown table; a blank title repeats."""
+    rows: dict[tuple[str, str], list[str]] = {}
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| case | target |"))
+    title = ""
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        title = cells[0] or title
+        # "full login flow (median of 3)": keyed without the count
+        key = title.split(" (median of")[0]
+        rows[(key, cells[1])] = cells[2:]
+    return rows
+
+
+@pytest.mark.timeout(400)
+def test_smoke_run_measures_every_case() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke"], cwd=REPO, capture_output=True, text=True,
+        timeout=360, check=False, stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, f"bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    table = _first_table(done.stdout)
+
+    for case, has_direct in CASES.items():
+        targets = [OURS, DIRECT] if has_direct else [OURS]
+        for target in targets:
+            assert (case, target) in table, f"no row for {case} / {target}:\n{done.stdout}"
+            rps = table[(case, target)][0]
+            assert not rps.startswith("n/a"), f"{case} / {target} did not run: {rps}"
+            assert _number(rps) > 0, f"{case} / {target}: {rps} req/s"
+
+    # req/s, p50, p99, errors, ratio to direct, CPU per request: the signed-in GET had no error
+    # of any kind (a lost session would show as a body-check failure here).
+    _, p50, p99, errors, ratio, _cpu = table[(SIGNED_IN_GET, OURS)]
+    assert errors == "0", f"signed-in GET through the gateway: errors {errors}"
+    assert 0 < _number(p50) <= _number(p99)
+    assert ratio.endswith("x")
+    assert _number(ratio[:-1]) > 0
+
+    assert "peak RSS (VmHWM" in done.stdout
+    assert "bytes per session" in done.stdout, done.stdout
