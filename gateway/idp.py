@@ -340,6 +340,29 @@ class IdentityProvider:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def validate_logout_token(self, token: str) -> oidc.LogoutToken:
+        """Validate a back-channel logout token; an unknown kid triggers one (throttled) JWKS
+        refetch, and a kid still unknown after it is a 400 like any other bad token."""
+        meta = self.metadata
+        for attempt in range(2):
+            generation = self._jwks_generation
+            try:
+                return oidc.validate_logout_token(
+                    token,
+                    keys=self._keys,
+                    issuer=meta.issuer,
+                    client_id=self.config.client_id,
+                    algorithms=self._algorithms,
+                    leeway=self.config.leeway,
+                    now=self._clock(),
+                )
+            except UnknownSigningKey:
+                if attempt or not await self._refetch_jwks(generation):
+                    raise OIDCError(
+                        "logout token: signed with a key the provider's JWKS does not list",
+                        reason="logout_token_invalid", status_hint=400) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def userinfo(self, access_token: str | None) -> dict[str, Any] | None:
         """The userinfo claims, or None when disabled, not offered, or without access token."""
         endpoint = self.metadata.userinfo_endpoint

@@ -36,13 +36,16 @@ from gateway.errors import OIDCError, UnknownSigningKey
 from gateway.models import Identity, LoginState, TokenSet
 
 __all__ = [
+    "BACKCHANNEL_LOGOUT_EVENT",
     "HttpRequestSpec",
     "KeySet",
+    "LogoutToken",
     "ProviderMetadata",
     "authorization_url",
     "code_challenge",
     "discovery_url",
     "end_session_url",
+    "id_token_expiry",
     "identity_from_claims",
     "needs_refresh",
     "new_login_state",
@@ -50,10 +53,13 @@ __all__ = [
     "parse_discovery",
     "parse_jwks",
     "parse_token_response",
+    "refresh_due",
     "refresh_request",
     "states_match",
     "token_request",
+    "tokens_expire_at",
     "validate_id_token",
+    "validate_logout_token",
 ]
 
 WELL_KNOWN: Final = "/.well-known/openid-configuration"
@@ -497,6 +503,39 @@ def parse_token_response(
     )
 
 
+def id_token_expiry(id_token: str) -> float | None:
+    """The ``exp`` of an ID token the gateway validated at login, or None if unreadable.
+
+    Read without checking the signature: this token was validated when it was received and
+    has sat sealed in the store since; only its expiry time is wanted here.
+    """
+    parts = id_token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return _number(payload.get("exp")) if isinstance(payload, dict) else None
+
+
+def tokens_expire_at(tokens: TokenSet) -> float | None:
+    """When the session's tokens expire: the access token's expiry, else the ID token's."""
+    if tokens.expires_at is not None:
+        return tokens.expires_at
+    return id_token_expiry(tokens.id_token) if tokens.id_token else None
+
+
+def refresh_due(tokens: TokenSet, *, now: float, margin: float) -> bool:
+    """True when the tokens expire within ``margin`` seconds and a refresh token exists.
+
+    The access token's expiry counts when the provider gave one, else the ID token's ``exp``
+    (issue 4: "the access token, or ID token if no access token expiry is known").
+    """
+    expires = tokens_expire_at(tokens)
+    return tokens.refresh_token is not None and expires is not None and expires - margin <= now
+
+
 def needs_refresh(tokens: TokenSet, *, now: float, margin: float = 60.0) -> bool:
     """True when the access token expires within ``margin`` seconds and can be refreshed."""
     return (
@@ -777,6 +816,98 @@ def validate_id_token(
     if len(sub) > MAX_SUB_LENGTH or not sub.isascii():
         raise _invalid("The ID token's subject is not at most 255 ASCII characters.")
     return claims
+
+
+# ---------------------------------------------------------------------------------------------
+# Back-Channel Logout (OpenID Connect Back-Channel Logout 1.0)
+# ---------------------------------------------------------------------------------------------
+
+BACKCHANNEL_LOGOUT_EVENT: Final = "http://schemas.openid.net/event/backchannel-logout"
+# A logout token older than this (by iat) is refused: replays are caught by jti for this long.
+LOGOUT_TOKEN_MAX_AGE: Final = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogoutToken:
+    """The parts of a validated logout token the gateway acts on."""
+
+    jti: str
+    sid: str | None
+    sub: str | None
+    iat: float
+
+
+def _logout_invalid(message: str) -> OIDCError:
+    return OIDCError(message, reason="logout_token_invalid", status_hint=400)
+
+
+def validate_logout_token(
+    token: str,
+    *,
+    keys: KeySet,
+    issuer: str,
+    client_id: str,
+    algorithms: Sequence[str],
+    leeway: float,
+    now: float,
+) -> LogoutToken:
+    """Validate a logout token per Back-Channel Logout 1.0 §2.6 and return what it names.
+
+    Signature with the provider's keys (same pinned algorithms as ID tokens, never ``none`` or
+    HMAC unless listed), ``iss`` exact, ``aud`` ours only, ``iat`` present and recent, ``exp``
+    if present not passed, the back-channel ``events`` member, ``sid`` and/or ``sub``, ``jti``
+    (for replay detection by the caller), and no ``nonce`` (§2.4: its presence tells a logout
+    token apart from an ID token, so an ID token can never log anyone out). Raises
+    UnknownSigningKey for an unknown kid, else ``OIDCError(reason="logout_token_invalid",
+    status_hint=400)``.
+    """
+    try:
+        obj = _verify_signature(token, keys=keys, algorithms=algorithms, client_secret=None)
+    except UnknownSigningKey:
+        raise
+    except OIDCError as exc:
+        raise _logout_invalid(
+            "logout token: " + exc.message.replace("The ID token", "the token")) from None
+    try:
+        claims = json.loads(obj.payload)
+    except (ValueError, UnicodeDecodeError):
+        raise _logout_invalid("logout token: the payload is not JSON") from None
+    if not isinstance(claims, dict):
+        raise _logout_invalid("logout token: the payload is not a JSON object")
+    if claims.get("iss") != issuer:
+        raise _logout_invalid("logout token: issued by another issuer")
+    aud = claims.get("aud")
+    audiences = [aud] if isinstance(aud, str) else aud
+    if (not isinstance(audiences, list) or not audiences
+            or any(a != client_id for a in audiences)):
+        raise _logout_invalid("logout token: the audience is not this client alone")
+    iat = _number(claims.get("iat"))
+    if iat is None:
+        raise _logout_invalid("logout token: no issue time (iat)")
+    if iat > now + leeway:
+        raise _logout_invalid("logout token: issued in the future; check the clocks")
+    if iat < now - LOGOUT_TOKEN_MAX_AGE - leeway:
+        raise _logout_invalid("logout token: too old")
+    if "exp" in claims:
+        exp = _number(claims.get("exp"))
+        if exp is None or now - leeway >= exp:
+            raise _logout_invalid("logout token: expired")
+    events = claims.get("events")
+    if not isinstance(events, dict) or not isinstance(events.get(BACKCHANNEL_LOGOUT_EVENT), dict):
+        raise _logout_invalid("logout token: no back-channel logout event")
+    if "nonce" in claims:
+        raise _logout_invalid("logout token: carries a nonce (an ID token is not a logout token)")
+    sid, sub = claims.get("sid"), claims.get("sub")
+    if sid is not None and (not isinstance(sid, str) or not sid):
+        raise _logout_invalid("logout token: sid is not a string")
+    if sub is not None and (not isinstance(sub, str) or not sub or len(sub) > MAX_SUB_LENGTH):
+        raise _logout_invalid("logout token: sub is not a string of at most 255 characters")
+    if sid is None and sub is None:
+        raise _logout_invalid("logout token: names neither sid nor sub")
+    jti = claims.get("jti")
+    if not isinstance(jti, str) or not jti or len(jti) > 256:
+        raise _logout_invalid("logout token: no jti")
+    return LogoutToken(jti=jti, sid=sid, sub=sub, iat=iat)
 
 
 # ---------------------------------------------------------------------------------------------

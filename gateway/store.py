@@ -64,6 +64,34 @@ class SessionStore(Protocol):
         """
         ...
 
+    async def set_new(self, key: str, value: bytes, ttl: float) -> bool:
+        """Store ``value`` only if ``key`` is absent (``SET NX``); True when this call stored it.
+
+        Of concurrent callers exactly one wins: a refresh lock, a logout token's ``jti`` seen
+        for the first time.
+        """
+        ...
+
+    async def delete_if(self, key: str, value: bytes) -> bool:
+        """Delete ``key`` only while it still holds ``value`` (compare-and-delete, atomic).
+
+        Releases a lock without deleting one that expired and was taken by someone else.
+        """
+        ...
+
+    async def index_put(self, key: str, member: str, value: bytes, ttl: float) -> None:
+        """Put ``member`` → ``value`` in the index (a hash) ``key``; the whole index lives
+        ``ttl`` more seconds (never less than before): sid/sub/user → sessions."""
+        ...
+
+    async def index_get(self, key: str) -> dict[str, bytes]:
+        """Every member of the index ``key`` with its value (empty when absent or expired)."""
+        ...
+
+    async def index_remove(self, key: str, *members: str) -> None:
+        """Remove ``members`` from the index ``key``; no error for absent ones."""
+        ...
+
     async def ping(self) -> None:
         """Raise SessionStoreError unless the store is reachable (readiness, ``check --online``)."""
         ...
@@ -129,6 +157,8 @@ class MemoryStore:
         # (deadline, key) pairs; stale ones (key rewritten or deleted) are skipped when popped.
         self._deadlines: list[tuple[float, str]] = []
         self._full_logged_at: float | None = None
+        # Index key → (members → values, deadline): sid/sub/user → sessions.
+        self._indexes: dict[str, tuple[dict[str, bytes], float]] = {}
         self.refused = 0  # writes refused because the store was full (metrics and tests)
 
     def __len__(self) -> int:
@@ -207,12 +237,66 @@ class MemoryStore:
             del self._entries[key]
         return value
 
+    async def set_new(self, key: str, value: bytes, ttl: float) -> bool:
+        # No await between the check and the write: atomic within the one event loop.
+        if self._live(key) is not None:
+            return False
+        await self.set(key, value, ttl)
+        return True
+
+    async def delete_if(self, key: str, value: bytes) -> bool:
+        if self._live(key) != value:
+            return False
+        del self._entries[key]
+        return True
+
+    def _live_index(self, key: str) -> dict[str, bytes] | None:
+        entry = self._indexes.get(key)
+        if entry is None:
+            return None
+        if self._clock() >= entry[1]:
+            del self._indexes[key]
+            return None
+        return entry[0]
+
+    async def index_put(self, key: str, member: str, value: bytes, ttl: float) -> None:
+        _check_ttl(ttl)
+        members = self._live_index(key)
+        deadline = self._clock() + ttl
+        if members is None:
+            # Indexes point at sessions, so they are bounded by the same cap.
+            if len(self._indexes) >= self._max_entries:
+                self._indexes = {k: v for k, v in self._indexes.items()
+                                 if v[1] > self._clock()}
+                if len(self._indexes) >= self._max_entries:
+                    raise SessionStoreError(
+                        f"the in-memory session store is full ({self._max_entries} indexes); "
+                        "raise session.memory_max_sessions or use store: redis")
+            members = {}
+        else:
+            deadline = max(deadline, self._indexes[key][1])
+        members[member] = bytes(value)
+        self._indexes[key] = (members, deadline)
+
+    async def index_get(self, key: str) -> dict[str, bytes]:
+        return dict(self._live_index(key) or {})
+
+    async def index_remove(self, key: str, *members: str) -> None:
+        current = self._live_index(key)
+        if current is None:
+            return
+        for member in members:
+            current.pop(member, None)
+        if not current:
+            del self._indexes[key]
+
     async def ping(self) -> None:
         return None
 
     async def close(self) -> None:
         self._entries.clear()
         self._deadlines.clear()
+        self._indexes.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +390,8 @@ class RedisStore:
     * every failure becomes SessionStoreError naming the server (never a password), so the
       gateway answers 503 instead of letting a request through.
 
-    Only single-key commands are used (GET, SET PX, DEL, GETDEL), so a Redis Cluster spreads
+    Only single-key commands are used (GET, SET PX, DEL, GETDEL, and one-key scripts and hash
+    commands for locks and indexes), so a Redis Cluster spreads
     sessions over all its slots and no command ever spans two of them.
 
     With Sentinel, a pooled connection keeps talking to the server it connected to. After a
@@ -649,6 +734,62 @@ class RedisStore:
             raise self._error("GETDEL", exc) from exc
         return self._bytes_or_none("GETDEL", value)
 
+    async def set_new(self, key: str, value: bytes, ttl: float) -> bool:
+        _check_ttl(ttl)
+        px = max(1, math.ceil(ttl * 1000))
+        self._watch_master()
+        try:
+            async with asyncio.timeout(self._deadline):
+                done = await self._client.set(self._key(key), value, px=px, nx=True)
+        except self._FAILURES as exc:
+            raise self._error("SET NX", exc) from exc
+        return bool(done)
+
+    async def delete_if(self, key: str, value: bytes) -> bool:
+        # One key per script call, so a Cluster routes it to that key's slot.
+        self._watch_master()
+        try:
+            async with asyncio.timeout(self._deadline):
+                done = await self._client.eval(
+                    _DELETE_IF_LUA, 1, self._key(key), value)
+        except self._FAILURES as exc:
+            raise self._error("compare-and-delete", exc) from exc
+        return bool(done)
+
+    async def index_put(self, key: str, member: str, value: bytes, ttl: float) -> None:
+        _check_ttl(ttl)
+        px = max(1, math.ceil(ttl * 1000))
+        self._watch_master()
+        try:
+            async with asyncio.timeout(self._deadline):
+                # HSET and the TTL in one script (one key, one slot): an index never exists
+                # without a TTL, and a later, shorter TTL never cuts an older one short.
+                await self._client.eval(
+                    _INDEX_PUT_LUA, 1, self._key(key), member, value, px)
+        except self._FAILURES as exc:
+            raise self._error("index HSET", exc) from exc
+
+    async def index_get(self, key: str) -> dict[str, bytes]:
+        self._watch_master()
+        try:
+            async with asyncio.timeout(self._deadline):
+                raw = await self._client.hgetall(self._key(key))
+        except self._FAILURES as exc:
+            raise self._error("index HGETALL", exc) from exc
+        return {(k.decode() if isinstance(k, bytes) else str(k)):
+                (v if isinstance(v, bytes) else str(v).encode())
+                for k, v in dict(raw).items()}
+
+    async def index_remove(self, key: str, *members: str) -> None:
+        if not members:
+            return
+        self._watch_master()
+        try:
+            async with asyncio.timeout(self._deadline):
+                await self._client.hdel(self._key(key), *members)
+        except self._FAILURES as exc:
+            raise self._error("index HDEL", exc) from exc
+
     async def ping(self) -> None:
         self._watch_master()
         try:
@@ -680,6 +821,19 @@ class RedisStore:
                 await self._sentinel.aclose()
         except self._FAILURES as exc:
             raise self._error("close", exc) from exc
+
+
+_DELETE_IF_LUA: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_INDEX_PUT_LUA: Final = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local left = redis.call('PTTL', KEYS[1])
+if left < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
 
 
 def _credentials(username: str | None, password: str | None) -> dict[str, Any]:

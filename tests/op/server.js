@@ -27,6 +27,9 @@
 //   OP_POST_LOGOUT_URIS    comma separated [the redirect URIs' origins + "/"]
 //   OP_TOKEN_AUTH          its token_endpoint_auth_method [client_secret_basic]
 //
+// GET /_test/counts answers {"token": {GRANT_TYPE: calls}}: token endpoint calls so far,
+// so a test can count refreshes (use a private OP from oidc_provider_factory).
+//
 // Per-client token lifetimes (so one shared OP serves expiry tests too): a client
 // may register with x_access_token_ttl, x_id_token_ttl and x_refresh_token_ttl
 // (positive integers, seconds); they override the OP-wide values for that client.
@@ -131,6 +134,12 @@ function htmlPage(title, body) {
 
 const configuration = {
   clients: staticClients,
+  // oidc-provider refuses outgoing requests to loopback addresses (SSRF protection); the
+  // back-channel logout URIs of this loopback-only test OP are all on 127.0.0.1.
+  fetch: (url, options) => {
+    const { dispatcher, ...rest } = options;
+    return globalThis.fetch(url, rest);
+  },
   clientDefaults: {
     grant_types: ['authorization_code', 'refresh_token'],
     response_types: ['code'],
@@ -172,6 +181,9 @@ const configuration = {
     // Loopback-only test OP: open registration, no initial access token.
     registration: { enabled: true, initialAccessToken: false },
     revocation: { enabled: true },
+    // Back-Channel Logout 1.0: a client registered with backchannel_logout_uri gets a
+    // logout_token POSTed when the user's session here ends (RP-initiated logout).
+    backchannelLogout: { enabled: true },
     introspection: { enabled: true },
     userinfo: { enabled: true },
     rpInitiatedLogout: {
@@ -302,6 +314,19 @@ async function interaction(req, res, parts) {
   return page(res, 400, 'Unexpected interaction step', `<p>${esc(prompt.name)} / ${esc(action || '')}</p>`);
 }
 
+// Token endpoint calls by grant_type, for tests that count refreshes: GET /_test/counts.
+const tokenCalls = {};
+provider.use(async (ctx, next) => {
+  await next();
+  if (ctx.method === 'POST' && ctx.path === '/token') {
+    const grant = (ctx.oidc && ctx.oidc.params && ctx.oidc.params.grant_type) || 'unknown';
+    tokenCalls[grant] = (tokenCalls[grant] || 0) + 1;
+  }
+});
+provider.on('backchannel.error', (ctx, err, client) => {
+  console.error(JSON.stringify({ msg: 'backchannel logout failed', client: client.clientId,
+    error: String(err), cause: String(err && err.cause) }));
+});
 const providerHandler = provider.callback();
 
 const server = createServer(async (req, res) => {
@@ -313,6 +338,11 @@ const server = createServer(async (req, res) => {
     } catch (err) {
       if (!res.headersSent) page(res, 400, 'Interaction error', `<p>${esc(err.message)}</p>`);
     }
+    return;
+  }
+  if (url.pathname === '/_test/counts') {
+    res.writeHead(200, { 'content-type': 'application/json', 'cache-control': 'no-store' });
+    res.end(JSON.stringify({ token: tokenCalls }));
     return;
   }
   if (url.pathname === '/healthz') {
