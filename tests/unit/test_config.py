@@ -970,6 +970,9 @@ def test_json_schema() -> None:
         "default_policy",
         "routes",
         "logging",
+        "headers",
+        "assertion",
+        "admin",
     ]
     assert set(schema["required"]) == {"version", "provider", "session", "routes"}
     # extra="forbid" reaches editors too: every object rejects unknown keys.
