@@ -751,7 +751,9 @@ async def test_cluster_node_down_fails_closed(servers: Servers) -> None:
 
 # The least a single-server gateway needs (the README recommends it): its own commands, the
 # connection set-up redis-py does, and nothing else.
-GATEWAY_ACL = ("+get", "+set", "+del", "+getdel", "+ping", "+client|setname")
+# The README's least-privilege ACL for a gateway user, word for word.
+GATEWAY_ACL = ("+get", "+set", "+del", "+getdel", "+eval", "+hset", "+hgetall", "+hdel", "+pttl",
+               "+pexpire", "+ping", "+client|setname")
 
 
 @pytest.fixture
@@ -779,6 +781,14 @@ async def test_tls_with_a_ca_file_and_an_acl_user(tls_redis: tuple[Node, Path, s
         await store.set("s:tls", b"sealed", 60)
         assert await store.get("s:tls") == b"sealed"
         assert await store.pop("s:tls") == b"sealed"
+        # Everything else a sign-in, refresh and logout does, under the same ACL.
+        assert await store.set_new("r:lock", b"me", 10)
+        assert not await store.set_new("r:lock", b"other", 10)
+        assert await store.delete_if("r:lock", b"me")
+        await store.index_put("x:sid:abc", "member", b"v", 60)
+        assert await store.index_get("x:sid:abc") == {"member": b"v"}
+        await store.index_remove("x:sid:abc", "member")
+        assert await store.index_get("x:sid:abc") == {}
     finally:
         await store.close()
 
