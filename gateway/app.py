@@ -1,33 +1,61 @@
-"""Wiring: build the aiohttp application from a Config, and serve it.
+"""Wiring: build the aiohttp application from a Config, serve it, reload it, stop it.
 
 Resources (HTTP client pools, the session store, the provider loader) are created and closed in
 one ``cleanup_ctx``, so a test or a second app in the same process never shares them by
 accident, and SIGTERM drains requests before the pools close.
+
+Lifecycle, as an operator sees it:
+
+* SIGTERM (or SIGINT): ``/ready`` answers 503 at once; after ``server.shutdown_delay`` the
+  listener closes; requests in flight get ``server.shutdown_timeout``; exit 0 (:func:`serve`).
+* SIGHUP, or the config file changing: the new config is validated and swapped in whole
+  (:class:`Live`); an invalid one changes nothing and is logged. Sessions survive: the store
+  is kept unless its own settings changed, and requests in flight finish on the config they
+  started with.
+* ``server.workers: N``: a supervisor and N worker processes on one port (:func:`supervise`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
+import os
+import shutil
+import signal
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from prometheus_client import multiprocess
 
-from gateway.config import Config
+from gateway.admin import create_admin_app
+from gateway.assertion_keys import AssertionKeys, key_settings
+from gateway.config import Config, parse_listen
 from gateway.endpoints import Gateway
-from gateway.errors import GatewayError
+from gateway.errors import ConfigError, GatewayError
 from gateway.idp import IdentityProvider
-from gateway.observability import Metrics
+from gateway.observability import (
+    METRICS_CONTENT_TYPE,
+    MeteredStore,
+    Metrics,
+    configure_logging,
+)
 from gateway.pages import Pages
 from gateway.proxy import UpstreamProxy
 from gateway.store import SessionStore, store_from_config
 
 log = logging.getLogger("gateway")
+
+# Closes one resource of a previous config (after a reload).
+Closer = Callable[[], Awaitable[None]]
 
 GATEWAY = web.AppKey("gateway", Gateway)
 
@@ -47,41 +75,403 @@ def provider_client(config: Config) -> aiohttp.ClientSession:
     )
 
 
-def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+class ConfigSource(Protocol):
+    """Where a reload reads the config from (``cli.py``: the file given with ``-c``, so that
+    the CLI stays the only place that reads files and the environment)."""
+
+    @property
+    def name(self) -> str:
+        """What to call it in log lines (the file's path)."""
+        ...
+
+    def load(self) -> Config:
+        """Read and validate the config now; raise ConfigError (every problem) or OSError."""
+        ...
+
+    def fingerprint(self) -> Hashable:
+        """A value that changes whenever the file does, the swap of a symlink (a Kubernetes
+        ConfigMap update) included; raise OSError while it cannot be read."""
+        ...
+
+
+# Session settings the store is not built from: a change to them keeps the store (and with
+# it every session). Any other change to session.* builds a new store.
+_NOT_STORE_SETTINGS: Final = frozenset({"cookie", "lifetime", "idle_timeout", "login_timeout",
+                                        "keys"})
+# What a reload cannot change in a running process: the listening sockets and the options
+# each connection was set up with. The log says so when one of them changes.
+_RESTART_SETTINGS: Final = ("listen", "metrics_listen", "workers", "max_connections",
+                            "keepalive_timeout", "max_header_count", "max_header_bytes",
+                            "shutdown_timeout")
+
+
+def _store_settings(config: Config) -> dict[str, Any]:
+    return config.session.model_dump(exclude=set(_NOT_STORE_SETTINGS))
+
+
+@dataclass(eq=False)
+class Parts:
+    """The resources a :class:`Gateway` uses: kept across a reload when the config they were
+    built from did not change, so sessions (the store), the provider's keys and pooled
+    connections survive it."""
+
+    store: SessionStore
+    store_settings: dict[str, Any]
+    idp: IdentityProvider
+    idp_http: aiohttp.ClientSession
+    loader: asyncio.Task[None]
+    proxy: UpstreamProxy
+    upstream_http: aiohttp.ClientSession
+    # The identity assertion's keys (None: no route signs one); its Redis pool is its own.
+    assertion_keys: AssertionKeys | None = None
+
+    @classmethod
+    def open(cls, config: Config, metrics: Metrics, clock: Callable[[], float]) -> Parts:
+        assertion_keys = AssertionKeys.open(config, clock=clock)  # first: may raise
+        upstream_http = UpstreamProxy.new_client_session()
+        store, settings = cls._store(config, metrics)
+        idp, idp_http, loader = cls._provider(config, clock)
+        return cls(store, settings, idp, idp_http, loader, UpstreamProxy(upstream_http),
+                   upstream_http, assertion_keys)
+
+    @staticmethod
+    def _store(config: Config, metrics: Metrics) -> tuple[SessionStore, dict[str, Any]]:
+        return MeteredStore(make_store(config), metrics), _store_settings(config)
+
+    @staticmethod
+    def _provider(
+        config: Config, clock: Callable[[], float]
+    ) -> tuple[IdentityProvider, aiohttp.ClientSession, asyncio.Task[None]]:
+        http = provider_client(config)
+        idp = IdentityProvider(config.provider, http, clock=clock)
+        loader = asyncio.create_task(idp.run_loader(), name="provider-loader")
+        return idp, http, loader
+
+    @staticmethod
+    async def close_store(store: SessionStore) -> None:
+        await store.close()
+
+    @staticmethod
+    async def close_provider(http: aiohttp.ClientSession, loader: asyncio.Task[None]) -> None:
+        loader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loader
+        await http.close()
+
+    async def close(self) -> None:
+        await self.close_provider(self.idp_http, self.loader)
+        await self.close_store(self.store)
+        await self.upstream_http.close()
+        if self.assertion_keys is not None:
+            await self.assertion_keys.close()
+
+
+def build_gateway(
+    config: Config, parts: Parts, pages: Pages, metrics: Metrics, clock: Callable[[], float]
+) -> Gateway:
+    """The one place a Gateway is assembled, at start-up and at every reload: anything built
+    from the config belongs here so that a reload rebuilds it too."""
+    return Gateway(
+        config,
+        store=parts.store,
+        idp=parts.idp,
+        proxy=parts.proxy,
+        pages=pages,
+        metrics=metrics,
+        clock=clock,
+        assertion_keys=parts.assertion_keys,
+    )
+
+
+@dataclass(eq=False)
+class Generation:
+    """One Gateway and the requests it is answering; a reload starts a new generation and the
+    old one is retired once its requests are done."""
+
+    gateway: Gateway
+    in_flight: int = 0
+    retired: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Live:
+    """The Gateway answering new requests, and how it is replaced.
+
+    Every request is handed to ``current.gateway`` as it arrives, so a reload is one reference
+    swap: requests already running finish on the Gateway (and store, provider client) they
+    started on, new ones use the new config. Resources the new config no longer uses are
+    closed only when the old generation's requests are done (bounded wait).
+    """
+
+    def __init__(
+        self, config: Config, parts: Parts, metrics: Metrics, clock: Callable[[], float], *,
+        pages: Pages, log_pid: bool = False,
+    ) -> None:
+        self.config = config
+        self.parts = parts
+        self.metrics = metrics
+        self.clock = clock
+        self.log_pid = log_pid
+        self.current = Generation(build_gateway(config, parts, pages, metrics, clock))
+        self.hup = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._retiring: dict[asyncio.Task[None], list[Closer]] = {}
+        self._draining = False
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        generation = self.current
+        generation.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            return await generation.gateway.handle(request)
+        finally:
+            generation.in_flight -= 1
+            self.metrics.in_flight.dec()
+            if generation.retired and not generation.in_flight:
+                generation.idle.set()
+
+    def begin_drain(self) -> None:
+        """SIGTERM: /ready answers 503 from now on, and no reload starts any more."""
+        self._draining = True
+        self.current.gateway.draining = True
+        self.metrics.draining.set(1)
+
+    @property
+    def in_flight(self) -> int:
+        return self.current.in_flight
+
+    async def keep_gauges(self) -> None:
+        """Keep ``oidc_gateway_provider_ready`` current without a scrape: with several workers
+        a scrape reaches one of them, and the others' value must not be a stale 0."""
+        while True:
+            ready, loader = self.parts.idp.ready, self.parts.loader
+            self.metrics.provider_ready.set(1 if ready else 0)
+            if ready or loader.done():
+                await asyncio.sleep(1.0)
+            else:  # set it the moment the provider has loaded
+                await asyncio.wait({loader}, timeout=1.0)
+
+    # ------------------------------------------------------------------ reload
+
+    async def watch(self, source: ConfigSource) -> None:
+        """Reload on SIGHUP (``hup``) and when ``source``'s fingerprint changes; polled every
+        ``server.watch_interval`` (no inotify: a ConfigMap update replaces a symlink two
+        directories up, which a poll of the resolved path sees and a watch may miss)."""
+        last = await self._fingerprint(source)
+        while not self._draining:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.hup.wait(), self.config.server.watch_interval)
+            if self._draining:
+                return
+            if self.hup.is_set():
+                self.hup.clear()
+                last = await self._fingerprint(source) or last
+                await self._reload_logged(source, "SIGHUP")
+                continue
+            if not self.config.server.watch_config:
+                continue
+            now = await self._fingerprint(source)
+            # None: gone for a moment (a symlink being swapped); keep the last one seen.
+            if now is not None and now != last:
+                last = now
+                await self._reload_logged(source, "file changed")
+
+    async def _reload_logged(self, source: ConfigSource, trigger: str) -> None:
+        """A reload that cannot end the watch: whatever goes wrong is logged, and the next
+        change is watched for as before."""
+        try:
+            await self.reload(source, trigger=trigger)
+        except Exception:
+            self.metrics.config_reloads.labels("failed").inc()
+            self.metrics.config_reload_ok.set(0)
+            log.exception("config reload failed: still serving the previous config",
+                          extra={"config": source.name, "trigger": trigger})
+
+    @staticmethod
+    async def _fingerprint(source: ConfigSource) -> Hashable | None:
+        try:
+            return await asyncio.to_thread(source.fingerprint)
+        except OSError:
+            return None
+
+    async def reload(self, source: ConfigSource, *, trigger: str) -> bool:
+        """Load, validate and swap in the config from ``source``. An invalid config (or one
+        whose store cannot even be built) changes nothing: the old one keeps serving and every
+        problem is logged. True when the config now served is the one in ``source``."""
+        async with self._lock:
+            if self._draining:
+                return False
+            try:
+                config = await asyncio.to_thread(source.load)
+            except ConfigError as exc:
+                return self._failed(source, trigger, [str(p) for p in exc.problems])
+            except OSError as exc:
+                return self._failed(source, trigger, [f"cannot read the file: {exc.strerror}"])
+            except UnicodeDecodeError:
+                return self._failed(source, trigger, ["the file is not UTF-8 text"])
+            if config == self.config:
+                log.info("config reload: no change", extra={"config": source.name,
+                                                            "trigger": trigger})
+                self.metrics.config_reload_ok.set(1)
+                return True
+            try:
+                await self._swap(config)
+            except (GatewayError, ValueError) as exc:
+                text = exc.message if isinstance(exc, GatewayError) else str(exc)
+                return self._failed(source, trigger, [text])
+            self.metrics.config_reloads.labels("ok").inc()
+            self.metrics.config_reload_ok.set(1)
+            self.metrics.config_loaded_at.set(time.time())
+            log.info("config reloaded", extra={"config": source.name, "trigger": trigger,
+                                               "routes": len(config.routes)})
+            return True
+
+    def _failed(self, source: ConfigSource, trigger: str, problems: list[str]) -> bool:
+        self.metrics.config_reloads.labels("failed").inc()
+        self.metrics.config_reload_ok.set(0)
+        log.error(
+            "config reload failed: still serving the previous config",
+            extra={"config": source.name, "trigger": trigger, "problems": problems},
+        )
+        return False
+
+    async def _swap(self, config: Config) -> None:
+        old_config, old = self.config, self.parts
+        restart = [f"server.{key}" for key in _RESTART_SETTINGS
+                   if getattr(config.server, key) != getattr(old_config.server, key)]
+        if restart:
+            log.warning("config reload: these settings take effect at the next restart",
+                        extra={"settings": restart})
+        closers: list[Closer] = []  # what the old config used and this one does not
+        built: list[Closer] = []  # what this reload made: closed again if it fails
+        try:
+            # First, as it may refuse the config (assertion.key_file): nothing else built yet.
+            assertion_keys = old.assertion_keys
+            if key_settings(config) != key_settings(old_config):
+                assertion_keys = AssertionKeys.open(config, clock=self.clock)
+                if assertion_keys is not None:
+                    built.append(assertion_keys.close)
+                if old.assertion_keys is not None:
+                    closers.append(old.assertion_keys.close)
+            store, settings = old.store, old.store_settings
+            if _store_settings(config) != old.store_settings:
+                if config.session.store == "memory" and old_config.session.store == "memory":
+                    # A new memory store would forget every session.
+                    log.warning("config reload: session.memory_max_sessions takes effect at "
+                                "the next restart (a new memory store would end every session)")
+                else:
+                    store, settings = Parts._store(config, self.metrics)
+                    built.append(functools.partial(Parts.close_store, store))
+                    closers.append(functools.partial(Parts.close_store, old.store))
+                    if old_config.session.store == "memory":
+                        log.warning("config reload: sessions of the memory store are not "
+                                    "carried to the new store; their users sign in again")
+            idp, idp_http, loader = old.idp, old.idp_http, old.loader
+            if config.provider != old_config.provider:
+                idp, idp_http, loader = Parts._provider(config, self.clock)
+                built.append(functools.partial(Parts.close_provider, idp_http, loader))
+                # Let the new provider load before it serves, so sign-ins do not see a 503.
+                await asyncio.wait({loader}, timeout=config.provider.timeout + 1)
+                if not idp.ready:
+                    log.warning("config reload: the new provider is not reachable yet; "
+                                "sign-ins answer 503 until it is",
+                                extra={"issuer": config.provider.issuer})
+                closers.append(functools.partial(Parts.close_provider, old.idp_http,
+                                                 old.loader))
+            parts = Parts(store, settings, idp, idp_http, loader, old.proxy, old.upstream_http,
+                          assertion_keys)
+            pages = await asyncio.to_thread(Pages, config.server.templates_dir)
+            gateway = build_gateway(config, parts, pages, self.metrics, self.clock)
+        except BaseException:
+            await self._close_all(built)
+            raise
+        retired = self.current
+        self.current, self.config, self.parts = Generation(gateway), config, parts
+        if config.logging != old_config.logging:
+            configure_logging(config.logging.level, config.logging.format, pid=self.log_pid)
+        if closers:
+            wait = max([r.timeout for r in old_config.routes] + [old_config.provider.timeout])
+            task = asyncio.create_task(self._retire(retired, closers, wait))
+            self._retiring[task] = closers
+            task.add_done_callback(self._retiring.pop)
+        retired.retired = True
+        if not retired.in_flight:
+            retired.idle.set()
+
+    @classmethod
+    async def _retire(cls, generation: Generation, closers: list[Closer], wait: float) -> None:
+        """Close what the previous config used once its requests are done (a websocket may
+        hold a generation open for hours: after ``wait`` it is closed anyway, and a websocket
+        needs neither the store nor the provider once it is open)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(generation.idle.wait(), wait)
+        await cls._close_all(closers)
+
+    @staticmethod
+    async def _close_all(closers: list[Closer]) -> None:
+        while closers:
+            try:
+                await closers.pop(0)()
+            except Exception:
+                log.warning("closing a resource of the previous config failed", exc_info=True)
+
+    async def close(self) -> None:
+        """Close everything, what a pending retirement still holds included."""
+        pending = list(self._retiring.items())
+        for task, _ in pending:
+            task.cancel()
+        for task, closers in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self._close_all(closers)
+        await self.parts.close()
+
+
+LIVE = web.AppKey("live", Live)
+
+
+def create_app(
+    config: Config, *, clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
+    log_pid: bool = False,
+) -> web.Application:
+    """The gateway's aiohttp application. ``app[LIVE]`` answers every request; ``app[GATEWAY]``
+    is the Gateway built at start-up (a reload replaces ``app[LIVE].current``, never it)."""
     app = web.Application(client_max_size=1024**2)
+    meter = metrics or Metrics()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        store = make_store(config)
-        idp_http = provider_client(config)
-        upstream_http = UpstreamProxy.new_client_session()
-        idp = IdentityProvider(config.provider, idp_http, clock=clock)
-        loader = asyncio.create_task(idp.run_loader(), name="provider-loader")
-        app[GATEWAY] = Gateway(
-            config,
-            store=store,
-            idp=idp,
-            proxy=UpstreamProxy(upstream_http),
-            pages=Pages(),
-            metrics=Metrics(),
-            clock=clock,
-        )
+        parts = Parts.open(config, meter, clock)
+        live = Live(config, parts, meter, clock, pages=Pages(config.server.templates_dir),
+                    log_pid=log_pid)
+        app[LIVE] = live
+        app[GATEWAY] = live.current.gateway
         try:
             yield
         finally:
-            loader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loader
-            await store.close()
-            await idp_http.close()
-            await upstream_http.close()
+            await live.close()
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        return await request.app[GATEWAY].handle(request)
+        return await request.app[LIVE].handle(request)
 
     app.cleanup_ctx.append(resources)
     # [\s\S] and not ".": a decoded path may hold "\n" (%0a), which "." would not match, and
     # aiohttp would then answer 404 itself, past the gateway's checks and its access log.
     app.router.add_route("*", r"/{tail:[\s\S]*}", handle)
+    return app
+
+
+def metrics_app(live: Live) -> web.Application:
+    """The ``server.metrics_listen`` listener's application: ``/metrics`` and nothing else."""
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        gateway = live.current.gateway
+        gateway.metrics.provider_ready.set(1 if gateway.idp.ready else 0)
+        response = web.Response(body=gateway.metrics.render())
+        response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+        return response
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -200,10 +590,12 @@ class GatewaySite(web.BaseSite):
         handler_options: dict[str, object],
         max_connections: int,
         backlog: int = 128,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
+        self._reuse_port = reuse_port
         self._handler_options = handler_options
         self.guard = ConnectionGuard(max_connections)
 
@@ -223,54 +615,238 @@ class GatewaySite(web.BaseSite):
                 server, guard=self.guard, loop=loop, **self._handler_options)
 
         self._server = await loop.create_server(
-            connection, self._host, self._port, backlog=self._backlog, reuse_address=True)
+            connection, self._host, self._port, backlog=self._backlog, reuse_address=True,
+            reuse_port=self._reuse_port or None)
 
 
-async def serve(config: Config, app: web.Application | None = None) -> None:
-    """Serve ``app`` (default: ``create_app(config)``) on ``server.listen`` until cancelled or
-    SIGTERM/SIGINT (:class:`aiohttp.web.GracefulExit`); then drain for ``shutdown_timeout``."""
+async def serve(
+    config: Config,
+    app: web.Application | None = None,
+    *,
+    source: ConfigSource | None = None,
+    worker: int | None = None,
+    metrics: Metrics | None = None,
+) -> None:
+    """Serve on ``server.listen`` (and ``server.metrics_listen``) until SIGTERM or SIGINT;
+    reload on SIGHUP and on a change of ``source``.
+
+    Shutdown, in order: ``/ready`` answers 503 at once; new connections are still accepted
+    for ``server.shutdown_delay`` (0 by default); then the listener closes (new connections
+    are refused), idle keep-alive connections close, and requests in flight get
+    ``server.shutdown_timeout`` to finish before the resources close. Returns normally: the
+    process exits 0.
+
+    ``worker``: this process is worker number ``worker`` of a supervisor (``server.workers``);
+    it shares the port with its siblings (SO_REUSEPORT) and stops if the supervisor dies.
+    """
+    loop = asyncio.get_running_loop()
     host, port = config.server.listen_address
     options = server_options(config)
+    app = app or create_app(config, metrics=metrics, log_pid=worker is not None)
     runner = web.AppRunner(
-        app or create_app(config), handle_signals=True,
-        shutdown_timeout=config.server.shutdown_timeout, **options,  # type: ignore[arg-type]
+        app, handle_signals=False, shutdown_timeout=config.server.shutdown_timeout,
+        **options,  # type: ignore[arg-type]
     )
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     await runner.setup()
+    live = app[LIVE]
+    tasks: list[asyncio.Task[None]] = []
+    metrics_runner: web.AppRunner | None = None
+    admin_runner: web.AppRunner | None = None
+    reuse_port = worker is not None
     try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, live.hup.set)
         site = GatewaySite(runner, host, port, handler_options=options,
-                           max_connections=config.server.max_connections)
+                           max_connections=config.server.max_connections,
+                           reuse_port=reuse_port)
         await site.start()
-        log.info("listening", extra={"address": f"{host}:{port}", "routes": len(config.routes),
-                                     "store": config.session.store})
-        await asyncio.Event().wait()
+        if config.server.metrics_listen is not None:
+            metrics_runner = web.AppRunner(metrics_app(live), handle_signals=False,
+                                           access_log=None)
+            await metrics_runner.setup()
+            m_host, m_port = parse_listen(config.server.metrics_listen)
+            await web.TCPSite(metrics_runner, m_host, m_port, reuse_port=reuse_port).start()
+        admin = config.admin
+        if admin.listen is not None and admin.token is not None:
+            # The session admin API (gateway/admin.py), on its own address; it acts on
+            # whichever Gateway is current (a reload swaps it).
+            admin_runner = web.AppRunner(
+                create_admin_app(lambda: live.current.gateway, admin.token.get_secret_value()),
+                handle_signals=False, access_log=None)
+            await admin_runner.setup()
+            a_host, a_port = parse_listen(admin.listen)
+            await web.TCPSite(admin_runner, a_host, a_port, reuse_port=reuse_port).start()
+        tasks.append(asyncio.create_task(live.keep_gauges(), name="gauges"))
+        if source is not None:
+            tasks.append(asyncio.create_task(live.watch(source), name="config-watch"))
+        if worker is not None:
+            tasks.append(asyncio.create_task(_watch_parent(stop), name="parent-watch"))
+        log.info("listening", extra={
+            "address": f"{host}:{port}", "metrics": config.server.metrics_listen,
+            "routes": len(config.routes), "store": config.session.store, "worker": worker})
+        await stop.wait()
+        live.begin_drain()
+        delay = live.config.server.shutdown_delay
+        log.info("shutting down: draining", extra={
+            "in_flight": live.in_flight, "delay_s": delay,
+            "timeout_s": config.server.shutdown_timeout})
+        if delay:
+            await asyncio.sleep(delay)
     finally:
-        await runner.cleanup()
-
-
-def run(config: Config) -> None:
-    """Serve until SIGTERM/SIGINT, then drain for ``server.shutdown_timeout`` seconds.
-
-    Like ``aiohttp.web.run_app`` (which cannot take a custom site): the serving task is
-    cancelled first and its ``runner.cleanup()`` drains in-flight requests; only then are the
-    tasks left over cancelled.
-    """
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    main = loop.create_task(serve(config))
-    try:
-        loop.run_until_complete(main)
-    except (web.GracefulExit, KeyboardInterrupt):
-        pass
-    finally:
-        main.cancel()
-        loop.run_until_complete(asyncio.gather(main, return_exceptions=True))
-        rest = [t for t in asyncio.all_tasks(loop) if not t.done()]
-        for task in rest:
+        for task in tasks:
             task.cancel()
-        loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        asyncio.set_event_loop(None)
-        loop.close()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Closes the listener, then waits (up to shutdown_timeout) for requests in flight,
+        # then closes the resources (cleanup_ctx).
+        await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
+
+
+async def _watch_parent(stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (SIGKILL, OOM) stops, rather than serve on unwatched."""
+    parent = os.getppid()
+    while not stop.is_set():
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent:
+            log.error("the supervisor process is gone: stopping")
+            stop.set()
+
+
+def run(
+    config: Config,
+    *,
+    source: ConfigSource | None = None,
+    worker: int | None = None,
+    worker_command: Callable[[int], Sequence[str]] | None = None,
+    metrics_dir: str | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; the exit status (0 after a clean stop).
+
+    With ``server.workers`` > 1 (and not already a worker) this process becomes the
+    supervisor of that many workers, each started with ``worker_command(index)``.
+    """
+    if config.server.workers > 1 and worker is None:
+        if worker_command is None:
+            raise ValueError("server.workers > 1 needs a command to start a worker")
+        return asyncio.run(supervise(config, worker_command))
+    asyncio.run(serve(config, source=source, worker=worker,
+                      metrics=Metrics(multiprocess_dir=metrics_dir)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# server.workers: a supervisor and N worker processes on one port
+# ---------------------------------------------------------------------------------------------
+
+# A worker that keeps dying is not restarted forever: past this many restarts within
+# _RESTART_WINDOW seconds the supervisor stops the others and exits 1.
+_MAX_RESTARTS: Final = 5
+_RESTART_WINDOW: Final = 60.0
+_RESTART_PAUSE: Final = 1.0
+
+
+async def supervise(config: Config, command: Callable[[int], Sequence[str]]) -> int:
+    """Run ``server.workers`` worker processes until SIGTERM/SIGINT; pass SIGHUP on.
+
+    Workers are whole processes started afresh (not forked from a running event loop), each
+    binding the port with SO_REUSEPORT, so the kernel spreads connections over them. A worker
+    that dies is restarted (bounded). On SIGTERM every worker drains on its own; the
+    supervisor exits 0 once all have exited 0, 1 otherwise.
+
+    The workers share a directory for their metric samples (prometheus_client's multiprocess
+    mode), so ``/metrics`` at any of them counts the requests of all.
+    """
+    loop = asyncio.get_running_loop()
+    count = config.server.workers
+    if config.session.store == "memory":
+        log.warning(
+            "server.workers > 1 with session.store: memory: every worker keeps its own "
+            "sessions, so a user signed in at one worker is unknown to the others and sign-ins "
+            "fail at random; use session.store: redis", extra={"workers": count})
+    try:
+        metrics_dir: str | None = tempfile.mkdtemp(prefix="oidc-gateway-metrics-")
+    except OSError as exc:
+        metrics_dir = None
+        log.warning("no directory for shared metrics (set TMPDIR to a writable one): each "
+                    "worker's /metrics shows its own counts only",
+                    extra={"error": exc.strerror})
+    env = dict(os.environ)
+    if metrics_dir is not None:
+        env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    stopping = asyncio.Event()
+    failed = False
+    procs: dict[int, asyncio.subprocess.Process] = {}
+    restarts: collections.deque[float] = collections.deque()
+
+    def forward(sig: signal.Signals) -> None:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.send_signal(sig)
+
+    async def slot(index: int) -> int:
+        nonlocal failed
+        while True:
+            proc = await asyncio.create_subprocess_exec(*command(index), env=env)
+            procs[index] = proc
+            if stopping.is_set():  # SIGTERM came while it was starting
+                proc.send_signal(signal.SIGTERM)
+            code = await proc.wait()
+            if metrics_dir is not None:
+                multiprocess.mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
+            if stopping.is_set():
+                return code
+            log.error("worker exited; restarting it",
+                      extra={"worker": index, "pid": proc.pid, "exit_code": code})
+            now = time.monotonic()
+            restarts.append(now)
+            while restarts and now - restarts[0] > _RESTART_WINDOW:
+                restarts.popleft()
+            if len(restarts) > _MAX_RESTARTS:
+                log.error("workers keep exiting: stopping", extra={"restarts": len(restarts)})
+                failed = True
+                stopping.set()
+                return code
+            await asyncio.sleep(_RESTART_PAUSE)
+            if stopping.is_set():
+                return code
+
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, forward, signal.SIGHUP)
+    slots = [asyncio.create_task(slot(i), name=f"worker-{i}") for i in range(count)]
+    try:
+        await asyncio.sleep(0)
+        log.info("supervising workers", extra={"workers": count,
+                                               "address": config.server.listen})
+        await stopping.wait()
+        forward(signal.SIGTERM)
+        grace = config.server.shutdown_delay + 2 * config.server.shutdown_timeout + 5
+        done, pending = await asyncio.wait(slots, timeout=grace)
+        for proc in procs.values():
+            if proc.returncode is None:
+                log.error("worker did not stop in time: killing it", extra={"pid": proc.pid})
+                proc.kill()
+        codes = [task.result() for task in done] + [
+            await task for task in pending]
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    ok = not failed and all(code == 0 for code in codes)
+    log.info("workers stopped", extra={"exit_codes": codes})
+    return 0 if ok else 1
 
 
 async def check_online(config: Config) -> list[str]:

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="serve the gateway")
     run.add_argument("-c", "--config", required=True, type=Path, help="YAML config file")
+    # Set by the supervisor of server.workers for the processes it starts; not for people.
+    run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate a config file; exit 0 (ok) or 2")
     check.add_argument("-c", "--config", required=True, type=Path, help="YAML config file")
@@ -163,9 +165,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ok")
         return EXIT_OK
 
+    return _run(args, config)
+
+
+class ConfigFile:
+    """The config file ``run`` serves, for reloads (``gateway.app.ConfigSource``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = str(path)
+
+    def load(self) -> Config:
+        return load_config(self.path.read_text(encoding="utf-8"), os.environ)
+
+    def fingerprint(self) -> tuple[str, int, int, int, int]:
+        """Where the path leads now and what is there. A Kubernetes ConfigMap update swaps
+        the ``..data`` symlink to a new directory: the resolved path changes even when the
+        new file's size and mtime happen to equal the old one's."""
+        resolved = os.path.realpath(self.path)
+        st = os.stat(resolved)
+        return resolved, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _run(args: argparse.Namespace, config: Config) -> int:
     from gateway.app import run
     from gateway.observability import configure_logging
 
-    configure_logging(config.logging.level, config.logging.format)
-    run(config)
-    return EXIT_OK
+    path: Path = args.config
+    worker: int | None = args.worker
+    supervised = worker is not None or config.server.workers > 1
+    configure_logging(config.logging.level, config.logging.format, pid=supervised)
+
+    def worker_command(index: int) -> list[str]:
+        return [sys.executable, "-m", "gateway", "run", "-c", str(path.resolve()),
+                "--worker", str(index)]
+
+    return run(
+        config,
+        source=ConfigFile(path),
+        worker=worker,
+        worker_command=worker_command,
+        # Set by the supervisor: where the workers' metric samples meet.
+        metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") if worker is not None else None,
+    )

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -25,8 +27,10 @@ from pydantic import (
     Discriminator,
     Field,
     SecretStr,
+    StringConstraints,
     Tag,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -85,6 +89,33 @@ Duration = Annotated[
                 {"type": "number", "exclusiveMinimum": 0},
             ],
             "description": "a duration: 30s, 15m, 12h, 1h30m, or seconds as a number",
+        }
+    ),
+]
+
+
+_ZERO_DURATION = re.compile(r"0+(\.0+)?(ms|s|m|h|d)?")
+
+
+def parse_delay(value: object) -> float:
+    """A duration that may also be zero (``0``, ``"0s"``): "no delay" is a meaningful choice."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
+        return 0.0
+    if isinstance(value, str) and _ZERO_DURATION.fullmatch(value.strip()):
+        return 0.0
+    return parse_duration(value)
+
+
+Delay = Annotated[
+    float,
+    BeforeValidator(parse_delay),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^((\d+(\.\d+)?(ms|s|m|h|d))+|\d+(\.\d+)?)$"},
+                {"type": "number", "minimum": 0},
+            ],
+            "description": "a duration (30s, 1m, 500ms) or 0 for none",
         }
     ),
 ]
@@ -286,12 +317,51 @@ class ServerConfig(_Model):
         4096, ge=1, le=1_000_000,
         description="client connections served at once; beyond it new ones get 503 and close",
     )
-    shutdown_timeout: Duration = 10.0
+    shutdown_timeout: Duration = Field(
+        10.0, description="after SIGTERM (and shutdown_delay), in-flight requests get this long"
+    )
+    shutdown_delay: Delay = Field(
+        0.0, description="after SIGTERM, keep accepting this long with /ready answering 503 "
+        "so load balancers stop sending first; 0: stop accepting at once",
+    )
+    metrics_listen: str | None = Field(
+        None, description="host:port of a separate listener for /metrics; when set, the main "
+        "listener has no /metrics (the path goes to the routes like any other)",
+    )
+    workers: int = Field(
+        1, ge=1, le=64,
+        description="processes serving the one port (SO_REUSEPORT); sessions need store: redis",
+    )
+    watch_config: bool = Field(
+        True, description="reload the config file when it changes (SIGHUP reloads too)"
+    )
+    watch_interval: Duration = Field(
+        2.0, description="how often the config file is checked for a change"
+    )
+    templates_dir: str | None = Field(
+        None, min_length=1,
+        description="directory of HTML templates replacing the built-in pages of the same "
+        "name (error.html, denied.html, ...); missing or broken ones fall back to the built-in",
+    )
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
         parse_listen(v)
+        return v
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        address = parse_listen(v)
+        listen = info.data.get("listen")
+        if isinstance(listen, str) and parse_listen(listen)[1] == address[1]:
+            raise ValueError(
+                f"must be another port than server.listen ({listen}): /metrics gets a "
+                "listener of its own"
+            )
         return v
 
     @field_validator("public_url")
@@ -555,6 +625,14 @@ class SessionConfig(_Model):
     idle_timeout: Duration = 3600.0
     login_timeout: Duration = Field(
         600.0, description="a sign-in must come back from the provider within this"
+    )
+    refresh_before: Duration = Field(
+        60.0, description="refresh the tokens this long before the access (else ID) token "
+        "expires, when there is a refresh token",
+    )
+    expire_with_tokens: bool = Field(
+        False, description="without a refresh token, end the session when its tokens expire "
+        "(else at lifetime)",
     )
     keys: tuple[SessionKey, ...] = Field(
         min_length=1, description="base64 32-byte keys; the first seals, all open (rotation)"
@@ -844,6 +922,239 @@ class MatchConfig(_Model):
         return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Identity headers and the signed assertion (issue 5 items 2 and 3)
+# ---------------------------------------------------------------------------------------------
+
+# Names a `headers.send` entry may not use: what HTTP or the proxy owns (framing, Host, cookies,
+# the forwarding facts the gateway computes, method overrides it strips), the client's own
+# Authorization, the access token header of pass_access_token and X-Gateway-Assertion.
+# Canonical spelling (lower case, "-"), as gateway.headers.canonical compares.
+_RESERVED_HEADERS = frozenset({
+    "host", "cookie", "authorization", "connection", "keep-alive", "proxy-authenticate",
+    "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    "content-length", "content-type", "content-encoding", "expect", "forwarded",
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
+    "x-forwarded-uri", "x-original-uri", "x-real-ip", "x-http-method-override",
+    "x-http-method", "x-method-override", "x-forwarded-access-token", "x-gateway-assertion",
+})
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Joins list values. Never a character of an encoded value (base64url, RFC 2047's
+# =?UTF-8?B?...?=), so a list always splits back into the items it was made of.
+_SEPARATOR = re.compile(r"[,;|: ]{1,3}")
+HEADER_ENCODINGS = ("rfc2047", "base64url", "utf8", "refuse")
+
+
+def _canonical_header(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+class HeadersConfig(_Model):
+    """Identity headers to the upstream: ``headers:`` at the top (every route) or in a route
+    (its keys replace the top-level ones, key by key)."""
+
+    send: dict[str, str] | None = Field(
+        None,
+        description="header name → claim path (X-User-Id: sub, X-Roles: realm_access.roles); "
+        "replaces the built-in X-Forwarded-User/-Email/-Groups/-Preferred-Username",
+    )
+    required: tuple[str, ...] = Field(
+        (), description="headers of send that must be sent; a user without a value is refused"
+    )
+    separator: Annotated[str, StringConstraints(strip_whitespace=False)] = Field(
+        ",", description="joins the values of a list claim"
+    )
+    encoding: Literal["rfc2047", "base64url", "utf8", "refuse"] | None = Field(
+        None,
+        description="non-ASCII values: rfc2047 encoded-words (default for send), base64url "
+        "(every value), utf8 (as is; default of the built-in headers), refuse (left out)",
+    )
+    groups_filter: str | None = Field(
+        None,
+        min_length=1,
+        description='regex a group name must match as a whole, or "policy": only the '
+        "groups the route's rules name; applies to the groups header and the assertion",
+    )
+    max_bytes: int = Field(
+        8192,
+        ge=512,
+        le=65536,
+        description="budget of all identity headers (and the assertion): over it, list items "
+        "then optional headers are dropped, with a warning",
+    )
+
+    @field_validator("send")
+    @classmethod
+    def _send(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError(
+                "names no header; list header: claim pairs, or remove send for the built-in "
+                "X-Forwarded-* headers"
+            )
+        seen: dict[str, str] = {}
+        for name, claim in v.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name")
+            key = _canonical_header(name)
+            if key in _RESERVED_HEADERS:
+                raise ValueError(
+                    f"{name!r} cannot carry an identity: the gateway or HTTP itself owns it"
+                )
+            if key in seen:
+                raise ValueError(
+                    f"{seen[key]!r} and {name!r} are one header to upstream frameworks "
+                    "(case and _ do not count); keep one"
+                )
+            seen[key] = name
+            try:
+                parse_claim_path(claim)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return v
+
+    @field_validator("separator")
+    @classmethod
+    def _separator(cls, v: str) -> str:
+        if not _SEPARATOR.fullmatch(v):
+            raise ValueError(
+                'must be 1 to 3 of the characters , ; | : and space (",", ", ", ";", " ")'
+            )
+        return v
+
+    @field_validator("groups_filter")
+    @classmethod
+    def _groups_filter(cls, v: str | None) -> str | None:
+        if v is None or v == "policy":
+            return v
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"{v!r} is not a regular expression: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _required_in_send(self) -> HeadersConfig:
+        if "send" in self.model_fields_set and "required" in self.model_fields_set:
+            _check_required(self.send, self.required)
+        return self
+
+    def merged(self, route: HeadersConfig | None) -> HeadersConfig:
+        """These (top-level) settings with a route's own keys put in their place."""
+        if route is None:
+            return self
+        return self.model_copy(
+            update={name: getattr(route, name) for name in route.model_fields_set}
+        )
+
+
+def _check_required(send: Mapping[str, str] | None, required: Sequence[str]) -> None:
+    if not required:
+        return
+    if send is None:
+        raise ValueError(
+            "required names headers of send; without send, the built-in X-Forwarded-User is "
+            "required and the other built-in headers optional"
+        )
+    names = {_canonical_header(n) for n in send}
+    for name in required:
+        if _canonical_header(name) not in names:
+            raise ValueError(f"{name!r} is not one of the headers of send")
+
+
+def _pem_key(value: SecretStr, *, private: bool) -> SecretStr:
+    """An EC P-256 key in PEM (the assertion is signed with ES256, RFC 7518 3.4)."""
+    text = value.get_secret_value().strip().encode()
+    loaded: object
+    try:
+        loaded = load_pem_private_key(text, password=None)
+    except (ValueError, TypeError):
+        loaded = None
+        if not private:
+            try:
+                loaded = load_pem_public_key(text)
+            except (ValueError, TypeError):
+                loaded = None
+    want = "an EC P-256 private key" if private else "an EC P-256 key (public or private)"
+    curve = getattr(loaded, "curve", None)
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) or (
+        not isinstance(curve, ec.SECP256R1)
+    ):
+        raise ValueError(
+            f"is not {want} in PEM (unencrypted); make one with "
+            "`openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256`"
+        )
+    return value
+
+
+def _private_pem(value: SecretStr | None) -> SecretStr | None:
+    return None if value is None else _pem_key(value, private=True)
+
+
+def _any_pem(value: SecretStr) -> SecretStr:
+    return _pem_key(value, private=False)
+
+
+def _drop_empty(value: object) -> object:
+    # `published_keys: ["${ASSERTION_KEY_OLD:-}"]` with the variable unset lists no key.
+    if isinstance(value, list | tuple):
+        return [v for v in value if v != ""]
+    return value
+
+
+class AssertionConfig(_Model):
+    """The signed identity assertion (``X-Gateway-Assertion``) of routes with
+    ``assertion: true``: its signing key, audience and lifetime."""
+
+    key: Annotated[
+        SecretStr | None, BeforeValidator(_none_if_empty), AfterValidator(_private_pem)
+    ] = Field(
+        None,
+        description='EC P-256 private key, PEM, from the environment ("${ASSERTION_KEY}"); '
+        "none (and no key_file): generated, shared through Redis, rotated every rotate_every",
+    )
+    key_file: str | None = Field(
+        None, min_length=1, description="file holding the EC P-256 private key (PEM) instead"
+    )
+    published_keys: Annotated[
+        tuple[Annotated[SecretStr, AfterValidator(_any_pem)], ...],
+        BeforeValidator(_drop_empty),
+    ] = Field(
+        (),
+        description="more keys (PEM, public or private) in the JWKS: the previous key during "
+        "a rotation, or the next one before it signs",
+    )
+    audience: str | None = Field(
+        None, min_length=1, description="the aud claim; default: the route's upstream origin"
+    )
+    lifetime: Duration = Field(60.0, description="exp - iat of each assertion; at most 10m")
+    rotate_every: Duration = Field(
+        86400.0, description="generated keys only: a new signing key this often; at least 1h"
+    )
+
+    @field_validator("lifetime")
+    @classmethod
+    def _lifetime(cls, v: float) -> float:
+        if v > 600:
+            raise ValueError("must be at most 10m: an assertion proves one request, now")
+        return v
+
+    @field_validator("rotate_every")
+    @classmethod
+    def _rotate(cls, v: float) -> float:
+        if v < 3600:
+            raise ValueError("must be at least 1h")
+        return v
+
+    @model_validator(mode="after")
+    def _one_key(self) -> AssertionConfig:
+        if self.key is not None and self.key_file is not None:
+            _conflicts("AssertionConfig", [(("key_file",), "give the signing key once: key "
+                                            "or key_file, not both")])
+        return self
+
+
 class RouteConfig(_Model):
     name: str = Field(min_length=1)
     match: MatchConfig = MatchConfig()
@@ -870,6 +1181,12 @@ class RouteConfig(_Model):
     pass_access_token: bool = False
     pass_host_header: bool = Field(True, description="send the client's Host to the upstream")
     timeout: Duration = Field(30.0, description="upstream answer deadline (504 after)")
+    headers: HeadersConfig | None = Field(
+        None, description="identity headers of this route; its keys replace those of headers:"
+    )
+    assertion: bool = Field(
+        False, description="add X-Gateway-Assertion, a signed JWT of the identity (assertion:)"
+    )
 
     @field_validator("upstream")
     @classmethod
@@ -925,10 +1242,40 @@ def _with_head(methods: Sequence[str]) -> frozenset[str]:
     return out | {"HEAD"} if "GET" in out else out
 
 
+class AdminConfig(_Model):
+    """The session admin API: off while ``listen`` is null; needs ``token`` when on."""
+
+    listen: str | None = Field(
+        None, description="host:port of the admin API (list and revoke sessions); null: off"
+    )
+    token: Annotated[SecretStr | None, BeforeValidator(_none_if_empty)] = Field(
+        None, description="bearer token the admin API requires; from ${ENV}; never logged"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_listen(v)
+        return v
+
+    @model_validator(mode="after")
+    def _token_needed(self) -> AdminConfig:
+        token = self.token.get_secret_value() if self.token is not None else ""
+        if self.listen is not None and len(token) < 16:
+            _conflicts("AdminConfig", [(("token",), (
+                "the admin API (admin.listen) needs a bearer token of at least 16 characters; "
+                "take it from the environment: \"${ADMIN_TOKEN}\""))])
+        return self
+
+
 class LoggingConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
     access_log: bool = True
+    audit_log: bool = Field(
+        True, description="one line per access decision on a route (allowed, denied, ...)"
+    )
 
 
 class Config(_Model):
@@ -943,11 +1290,44 @@ class Config(_Model):
     )
     routes: tuple[RouteConfig, ...] = Field(min_length=1)
     logging: LoggingConfig = LoggingConfig()
+    headers: HeadersConfig = Field(
+        HeadersConfig(), description="identity headers of every route (a route's own replace)"
+    )
+    assertion: AssertionConfig = Field(
+        AssertionConfig(), description="key, audience and lifetime of X-Gateway-Assertion"
+    )
+    admin: AdminConfig = Field(
+        AdminConfig(), description="session admin API on its own address; off by default"
+    )
 
     @field_validator("default_policy", mode="before")
     @classmethod
     def _null_policy(cls, v: object) -> object:
         return _no_null(v, "allow and/or deny rules")
+
+    @model_validator(mode="after")
+    def _route_headers(self) -> Config:
+        """A route's headers keys combined with the top-level ones must still agree: its
+        ``send`` may leave out a header the top-level ``required`` names, and vice versa."""
+        found: list[tuple[tuple[str | int, ...], str]] = []
+        try:
+            _check_required(self.headers.send, self.headers.required)
+        except ValueError as exc:
+            found.append((("headers",), str(exc)))
+        for i, route in enumerate(self.routes):
+            if route.headers is None:
+                continue
+            merged = self.headers_for(route)
+            try:
+                _check_required(merged.send, merged.required)
+            except ValueError as exc:
+                found.append((("routes", i, "headers"), f"with the top-level headers: {exc}"))
+        _conflicts("Config", found)
+        return self
+
+    def headers_for(self, route: RouteConfig) -> HeadersConfig:
+        """The identity-header settings of ``route``: its own keys, else the top-level ones."""
+        return self.headers.merged(route.headers)
 
     @field_validator("routes")
     @classmethod

@@ -8,18 +8,25 @@ the right status with a page (browsers) or JSON (API clients). Protected proxyin
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import hashlib
+import json
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
+from gateway.assertion import AssertionRequest, plan_with_assertion
+from gateway.assertion import jwks as jwk_set
+from gateway.assertion_keys import AssertionKeys
 from gateway.config import Config, RouteConfig
 from gateway.errors import (
     BadRequest,
@@ -30,21 +37,43 @@ from gateway.errors import (
     ProviderUnavailable,
     RequestError,
     SessionStoreError,
+    UpstreamError,
 )
 from gateway.headers import (
     Forwarded,
     HeaderPolicy,
+    auth_request_headers,
+    canonical,
     check_header_limits,
+    compile_identity_rules,
+    configured_identity_headers,
     forwarded_facts,
     identity_value_problem,
+    original_request,
+    peer_trusted,
     upstream_response_headers,
 )
 from gateway.idp import IdentityProvider
 from gateway.models import Identity, Session, Ticket
-from gateway.observability import METRICS_CONTENT_TYPE, Metrics, new_request_id, short_hash
-from gateway.oidc import end_session_url, new_login_state
-from gateway.pages import Link, Pages
-from gateway.policy import authorize, login_style
+from gateway.observability import (
+    AUDITED,
+    METRICS_CONTENT_TYPE,
+    REQUEST_ID_HEADER,
+    Metrics,
+    Outcome,
+    new_request_id,
+    request_id,
+    short_hash,
+)
+from gateway.oidc import (
+    LOGOUT_TOKEN_MAX_AGE,
+    end_session_url,
+    new_login_state,
+    refresh_due,
+    tokens_expire_at,
+)
+from gateway.pages import Link, PageKind, Pages
+from gateway.policy import Access, authorize, login_style
 from gateway.proxy import UpstreamProxy, is_websocket, upstream_url
 from gateway.routing import (
     RouteTable,
@@ -75,6 +104,7 @@ from gateway.store import SessionStore
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
+audit_log = logging.getLogger("gateway.audit")
 
 _BINDING_BYTES = 32
 _NO_STORE = "no-store"
@@ -82,10 +112,19 @@ _NO_STORE = "no-store"
 # "Sign out" button is a clickjacking target.
 _PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
-    "Content-Security-Policy": "frame-ancestors 'none'",
+    # The pages need nothing from elsewhere (inline styles, data: images at most): nothing
+    # else may load, not even from an operator's templates_dir.
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
 }
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def admin_id(session_id: str) -> str:
+    """The name of a session in the admin API: a hash, so listing sessions never reveals an
+    id (with the cookie's secret still needed to open one, but ids stay out of logs anyway)."""
+    return hashlib.sha256(b"oidc-gateway admin id\x00" + session_id.encode()).hexdigest()[:24]
 
 
 def _origin_key(url: str) -> tuple[str, str, int | None] | None:
@@ -103,6 +142,24 @@ def _origin_key(url: str) -> tuple[str, str, int | None] | None:
     return scheme, parts.hostname.lower().removesuffix("."), port or _DEFAULT_PORTS[scheme]
 
 
+_CSP_HOST = re.compile(r"[a-z0-9.-]+|\[[0-9a-f:.]+\]")
+
+
+def _csp_origin(url: str) -> str | None:
+    """``scheme://host[:port]`` of an http(s) URL as a CSP source expression, or None when
+    its host is not plainly a DNS name or IP address (it must not smuggle ``;`` or spaces
+    into the header)."""
+    key = _origin_key(url)
+    if key is None:
+        return None
+    scheme, host, port = key
+    if ":" in host:
+        host = f"[{host}]"
+    if not _CSP_HOST.fullmatch(host):
+        return None
+    return f"{scheme}://{host}" + ("" if port == _DEFAULT_PORTS[scheme] else f":{port}")
+
+
 @dataclass(frozen=True, slots=True)
 class RequestFacts:
     """What the gateway settled about a request before deciding anything."""
@@ -113,6 +170,8 @@ class RequestFacts:
     path: str  # decoded, normalised path: what routes and policy see
     raw_query: str  # the query string exactly as received
     forwarded: Forwarded
+    # Filled in as the request is decided; shared by copies (dataclasses.replace).
+    outcome: Outcome = field(default_factory=Outcome)
 
     @property
     def origin(self) -> str:
@@ -141,6 +200,16 @@ def _wants_html(request: web.BaseRequest) -> bool:
     return "text/html" in request.headers.get("Accept", "")
 
 
+def _is_form_navigation(request: web.BaseRequest) -> bool:
+    """A browser sending a form as a top-level navigation (``Sec-Fetch-Mode: navigate``, which
+    only browsers send and pages cannot forge): it shows whatever comes back as the page, so
+    it gets a page and never JSON. Scripts send no Fetch Metadata and keep getting JSON."""
+    return (
+        request.method not in ("GET", "HEAD")
+        and request.headers.get("Sec-Fetch-Mode", "").strip().lower() == "navigate"
+    )
+
+
 def _is_navigation(request: web.BaseRequest) -> bool:
     """A browser navigating (it can follow a redirect to the provider) rather than a script."""
     return (
@@ -164,8 +233,13 @@ class Gateway:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         token_bytes: Callable[[int], bytes] = secrets.token_bytes,
+        assertion_keys: AssertionKeys | None = None,
     ):
         self.config = config
+        # The signed identity assertion's keys; None when no route has assertion: true.
+        self.assertion_keys = assertion_keys
+        # Each route's identity headers (headers:, merged with the route's own), by name.
+        self.identity_rules = compile_identity_rules(config)
         self.store = store
         self.idp = idp
         self.proxy = proxy
@@ -187,6 +261,7 @@ class Gateway:
             strip_patterns=server.strip_headers,
             own_cookie_name=self.cookie_name,
             extra_cookie_names=(session.cookie.name,),
+            identity_names=configured_identity_headers(config),
         )
         hosts = [r.match.host for r in config.routes if r.match.host]
         if server.public_url:
@@ -197,68 +272,116 @@ class Gateway:
             f"{self.prefix}/callback": self.callback,
             f"{self.prefix}/sign_out": self.sign_out,
             f"{self.prefix}/userinfo": self.userinfo,
+            f"{self.prefix}/auth": self.forward_auth,
+            f"{self.prefix}/backchannel_logout": self.backchannel_logout,
+            f"{self.prefix}/frontchannel_logout": self.frontchannel_logout,
             "/ping": self.ping,
             "/ready": self.ready,
-            "/metrics": self.metrics_endpoint,
+            f"{self.prefix}/jwks.json": self.jwks,
         }
+        if any(route.assertion for route in config.routes):
+            # The usual JWKS place too, outside the prefix: taken from the upstreams only when
+            # some route signs assertions (explain.py lists it alike).
+            self.own["/.well-known/jwks.json"] = self.jwks
+        if server.metrics_listen is None:  # else /metrics has a listener of its own (app.py)
+            self.own["/metrics"] = self.metrics_endpoint
+        self.callback_path = f"{self.prefix}/callback"
+        self.sign_out_path = f"{self.prefix}/sign_out"
+        # Set from SIGTERM on (app.py): /ready answers 503 so load balancers stop sending.
+        self.draining = False
+        # Session id → the refresh in flight in this process: concurrent requests of one
+        # session await the same one (plus a store lock across processes, _refresh).
+        self._refreshing: dict[str, asyncio.Task[Session | None]] = {}
 
     # ------------------------------------------------------------------ entry point
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        request_id = new_request_id()
+        request_id = self._request_id(request)
         facts: RequestFacts | None = None
         route_name = "-"
-        user = None
+        own = False
+        error: RequestError | None = None
         try:
             facts = self._facts(request, request_id)
             handler = self.own.get(facts.path)
             if handler is not None:
                 route_name = facts.path
+                own = True
                 response = await handler(request, facts)
+            elif facts.path.startswith(f"{self.prefix}/auth/"):
+                # Envoy ext_authz's path_prefix form: /oauth2/auth/<original path>.
+                route_name = f"{self.prefix}/auth"
+                response = await self.forward_auth(request, facts)
             elif facts.path == self.prefix or facts.path.startswith(self.prefix + "/"):
                 raise NotFound("the gateway has no endpoint at this path")
             else:
-                route = self.routes.match(facts.host, facts.path, request.method)
-                if route is None:
-                    raise NotFound("no route of this gateway matches this host and path")
-                if ";" in facts.path and route is not self.routes.match(
-                    facts.host, without_path_params(facts.path), request.method
-                ):
-                    # Servlet containers drop ";params" before mapping a path: /admin;x is
-                    # their /admin, but here it matched another route. Refuse the ambiguity.
-                    raise BadRequest(
-                        'the request path has ";" parameters that change which route serves it'
-                    )
+                route = self._match_route(facts.host, facts.path, request.method)
                 route_name = route.name
-                response, user = await self._proxy(request, facts, route)
+                response, _ = await self._proxy(request, facts, route)
         except RequestError as exc:
+            error = exc
             response = self._error(request, exc, request_id, facts)
         except Exception:
             log.exception("unexpected error", extra={"request_id": request_id})
-            response = self._error(
-                request, RequestError("internal error", reason="internal_error", status_hint=500),
-                request_id, facts,
-            )
-        elapsed = time.perf_counter() - started
-        self.metrics.requests.labels(route_name, f"{response.status // 100}xx").inc()
-        self.metrics.duration.observe(elapsed)
-        if self.config.logging.access_log:
-            access_log.info(
-                "request",
-                extra={
-                    "request_id": request_id,
-                    "method": request.method,
-                    "path": facts.path if facts else "-",
-                    "host": facts.host if facts else "-",
-                    "status": response.status,
-                    "route": route_name,
-                    "user": user,
-                    "client_ip": facts.forwarded.client_ip if facts else request.remote,
-                    "duration_ms": round(elapsed * 1000, 2),
-                },
-            )
+            error = RequestError("internal error", reason="internal_error", status_hint=500)
+            response = self._error(request, error, request_id, facts)
+        if not response.prepared:  # a streamed answer got it with its headers (_proxy)
+            response.headers[REQUEST_ID_HEADER] = request_id
+        self._account(request, request_id, facts, response.status, route_name, own, error,
+                      time.perf_counter() - started)
         return response
+
+    def _request_id(self, request: web.BaseRequest) -> str:
+        """A trusted proxy's X-Request-Id when it is a safe id, else a new one."""
+        trusted = self.config.server.trusted_proxies
+        if not trusted or REQUEST_ID_HEADER not in request.headers:
+            return new_request_id()
+        sent = request.headers.getall(REQUEST_ID_HEADER)
+        return request_id(
+            sent[0] if len(sent) == 1 else None,
+            trusted=peer_trusted(request.remote or "", trusted),
+        )
+
+    def _account(
+        self, request: web.BaseRequest, request_id: str, facts: RequestFacts | None,
+        status: int, route: str, own: bool, error: RequestError | None, elapsed: float,
+    ) -> None:
+        """Metrics, the audit line (one per access decision) and the access line of a request.
+
+        Never a token, cookie, session id or query string: the path and the user name are as
+        much as a log line says about what was asked and by whom.
+        """
+        outcome = facts.outcome if facts is not None else Outcome()
+        decision = outcome.final(status, own_endpoint=own)
+        self.metrics.observe_request(route, status, decision, elapsed)
+        if own and route == self.callback_path:
+            self.metrics.logins.labels("ok" if status == 302 else "failed").inc()
+        elif own and route == self.sign_out_path and status >= 500:
+            self.metrics.logouts.labels("failed").inc()
+        settings = self.config.logging
+        if not (settings.access_log or (settings.audit_log and decision in AUDITED)):
+            return
+        fields = {
+            "request_id": request_id,
+            "method": request.method,
+            "host": facts.host if facts else None,
+            "path": facts.path if facts else None,
+            "status": status,
+            "route": route,
+            "decision": decision,
+            "user": outcome.user,
+            "client_ip": facts.forwarded.client_ip if facts else request.remote,
+            "duration_ms": round(elapsed * 1000, 2),
+        }
+        if settings.audit_log and decision in AUDITED:
+            audit_log.info("decision",
+                           extra={**fields, "reason": outcome.reason, "rule": outcome.rule})
+        if settings.access_log:
+            # The error's reason id when the request failed (upstream_timeout...), else the
+            # decision's.
+            reason = error.reason if error is not None else outcome.reason
+            access_log.info("request", extra={**fields, "reason": reason})
 
     def _facts(self, request: web.Request, request_id: str) -> RequestFacts:
         server = self.config.server
@@ -290,34 +413,217 @@ class Gateway:
 
     async def authenticate(self, request: web.BaseRequest) -> tuple[Ticket, Session] | None:
         """The session this request's cookie opens, or None. Store failures propagate (503):
-        a store we cannot read must never turn into a pass."""
+        a store we cannot read must never turn into a pass.
+
+        Tokens about to expire (``session.refresh_before``) are refreshed first, once per
+        session however many requests arrive together (:meth:`_refresh_once`)."""
         ticket = decode_ticket(request.cookies.get(self.cookie_name, ""))
         if ticket is None:
             return None
+        session = await self._open(ticket)
+        if session is None:
+            return None
+        now = self.clock()
+        settings = self.config.session
+        idle = settings.idle_timeout
+        ended = session_end_reason(session, now=now, idle_timeout=idle)
+        if ended is None and settings.expire_with_tokens and session.tokens.refresh_token is None:
+            expires = tokens_expire_at(session.tokens)
+            if expires is not None and now >= expires:
+                ended = "tokens_expired"
+        if ended is not None:
+            await self._end_session(ticket.session_id, session)
+            log.info("session ended", extra={"reason": ended,
+                                             "session": short_hash(ticket.session_id)})
+            return None
+        if refresh_due(session.tokens, now=now, margin=settings.refresh_before):
+            refreshed = await self._refresh_once(ticket)
+            if refreshed is None:
+                return None
+            session = refreshed
+        elif needs_touch(session, now=now, idle_timeout=idle):
+            session = touched(session, now)
+            await self._save(ticket, session, now)
+            await self._index_session(ticket.session_id, session, None, touch=True)
+        return ticket, session
+
+    async def _open(self, ticket: Ticket) -> Session | None:
+        """Read and unseal the session of ``ticket``; None when absent or not opening."""
         key = f"s:{ticket.session_id}"
         blob = await self.store.get(key)
         if blob is None:
             return None
         try:
-            session = load_session(
+            return load_session(
                 unseal(blob, keys=self.keys, secret=ticket.secret, aad=key.encode())
             )
         except SessionInvalid:
             log.info("session cookie does not open its session",
                      extra={"session": short_hash(ticket.session_id)})
             return None
-        now = self.clock()
-        idle = self.config.session.idle_timeout
-        ended = session_end_reason(session, now=now, idle_timeout=idle)
-        if ended is not None:
-            await self.store.delete(key)
-            log.info("session ended", extra={"reason": ended,
-                                             "session": short_hash(ticket.session_id)})
-            return None
-        if needs_touch(session, now=now, idle_timeout=idle):
-            session = touched(session, now)
+
+    # ------------------------------------------------------------------ refresh
+
+    async def _refresh_once(self, ticket: Ticket) -> Session | None:
+        """Refresh the session's tokens; concurrent callers in this process share one attempt.
+
+        The shared task is shielded: a client that disconnects must not cancel the refresh
+        other requests wait for (a cancelled refresh with a rotating provider could lose the
+        new refresh token).
+        """
+        session_id = ticket.session_id
+        task = self._refreshing.get(session_id)
+        if task is None:
+            task = asyncio.create_task(self._refresh(ticket), name="session-refresh")
+            self._refreshing[session_id] = task
+
+            def forget(done: asyncio.Task[Session | None]) -> None:
+                if self._refreshing.get(session_id) is done:
+                    del self._refreshing[session_id]
+
+            task.add_done_callback(forget)
+        return await asyncio.shield(task)
+
+    async def _refresh(self, ticket: Ticket) -> Session | None:
+        """One refresh across every gateway process sharing the store.
+
+        A lock (``SET NX`` with a short TTL, released by compare-and-delete) lets one process
+        call the token endpoint; the others wait for it and then re-read the session, finding
+        the fresh tokens already there. That is what keeps a provider that rotates refresh
+        tokens (reuse → ``invalid_grant``) from ending sessions under concurrent requests.
+        ``invalid_grant`` (any RFC 6749 token error) or a refreshed ID token for another
+        subject ends the session; a timeout or 5xx keeps it while its token is still valid.
+        """
+        lock_key = f"r:{ticket.session_id}"
+        lock_value = base64.urlsafe_b64encode(self.token_bytes(18))
+        lock_ttl = self.config.provider.timeout + 5.0
+        deadline = time.monotonic() + lock_ttl + 1.0
+        while not await self.store.set_new(lock_key, lock_value, lock_ttl):
+            if time.monotonic() > deadline:
+                raise ProviderUnavailable(
+                    "Another gateway is refreshing this session's tokens and has not finished. "
+                    "Try again in a moment.")
+            await asyncio.sleep(0.05)
+        try:
+            session = await self._open(ticket)  # re-read: another process may have refreshed
+            if session is None:
+                return None
+            now = self.clock()
+            if not refresh_due(session.tokens, now=now,
+                               margin=self.config.session.refresh_before):
+                return session
+            try:
+                tokens = await self.idp.refresh(session.tokens, sub=session.identity.sub)
+            except OIDCError as exc:
+                if exc.reason in ("token_error", "id_token_invalid", "refresh_unavailable"):
+                    await self._end_session(ticket.session_id, session)
+                    log.info("session ended: refresh refused", extra={
+                        "reason": exc.reason, "detail": exc.message,
+                        "session": short_hash(ticket.session_id)})
+                    return None
+                return self._refresh_failed(session, ticket, now, exc)
+            except ProviderUnavailable as exc:
+                return self._refresh_failed(session, ticket, now, exc)
+            session = replace(touched(session, now), tokens=tokens)
             await self._save(ticket, session, now)
-        return ticket, session
+            log.info("tokens refreshed", extra={"session": short_hash(ticket.session_id)})
+            return session
+        finally:
+            await self.store.delete_if(lock_key, lock_value)
+
+    def _refresh_failed(
+        self, session: Session, ticket: Ticket, now: float, exc: RequestError
+    ) -> Session:
+        """A transient refresh failure: keep the session while its token is valid, else 503
+        (never a sign-out: the next request tries again)."""
+        log.warning("token refresh failed; will retry", extra={
+            "reason": exc.reason, "detail": exc.message,
+            "session": short_hash(ticket.session_id)})
+        expires = tokens_expire_at(session.tokens)
+        if expires is not None and expires > now:
+            return session
+        raise ProviderUnavailable(
+            "The sign-in service could not renew your session just now. Try again in a minute.")
+
+    # ------------------------------------------------------------------ session indexes
+
+    def _index_keys(self, session_id: str, meta: Mapping[str, object]) -> list[str]:
+        """The indexes a session is listed in: its provider session (sid), subject, user
+        name (admin API) and id hash (admin API revocation)."""
+        keys = [f"x:sub:{meta['sub']}", f"x:user:{meta['user']}", f"x:h:{admin_id(session_id)}"]
+        if meta.get("sid"):
+            keys.append(f"x:sid:{meta['sid']}")
+        return keys
+
+    async def _index_session(
+        self, session_id: str, session: Session, request: web.BaseRequest | None,
+        *, client_ip: str | None = None, touch: bool = False,
+    ) -> None:
+        """List the session in its indexes (at login), or refresh its last-seen (touch).
+
+        The entry holds what the admin API shows (never a token); it lives as long as a
+        session can (``session.lifetime``), and entries of sessions that ended otherwise are
+        skipped and pruned when read.
+        """
+        ttl = self.config.session.lifetime
+        index = f"x:h:{admin_id(session_id)}"
+        meta: dict[str, object]
+        if touch:
+            old = (await self.store.index_get(index)).get(session_id)
+            if old is None:
+                return
+            meta = json.loads(old)
+            meta["last_seen"] = session.last_seen
+            keys = [index, f"x:user:{meta['user']}"]
+        else:
+            agent = request.headers.get("User-Agent", "") if request is not None else ""
+            meta = {"user": session.identity.user, "sub": session.identity.sub,
+                    "sid": session.sid, "created": session.created_at,
+                    "last_seen": session.last_seen, "client_ip": client_ip,
+                    "user_agent": agent[:256]}
+            keys = self._index_keys(session_id, meta)
+        value = json.dumps(meta, separators=(",", ":")).encode()
+        for key in keys:
+            await self.store.index_put(key, session_id, value, ttl)
+
+    async def _end_session(self, session_id: str, session: Session | None) -> None:
+        """Delete a session and take it out of its indexes."""
+        await self.store.delete(f"s:{session_id}")
+        if session is not None:
+            meta = {"sub": session.identity.sub, "user": session.identity.user,
+                    "sid": session.sid}
+            for key in self._index_keys(session_id, meta):
+                await self.store.index_remove(key, session_id)
+
+    async def sessions_in(self, index: str) -> dict[str, dict[str, object]]:
+        """The live sessions listed in ``index`` (session id → admin entry); stale entries
+        (sessions ended by expiry) are pruned on the way."""
+        out: dict[str, dict[str, object]] = {}
+        stale: list[str] = []
+        for session_id, raw in (await self.store.index_get(index)).items():
+            if await self.store.get(f"s:{session_id}") is None:
+                stale.append(session_id)
+                continue
+            try:
+                meta = json.loads(raw)
+            except ValueError:
+                stale.append(session_id)
+                continue
+            if isinstance(meta, dict):
+                out[session_id] = meta
+        if stale:
+            await self.store.index_remove(index, *stale)
+        return out
+
+    async def revoke(self, entries: Mapping[str, Mapping[str, object]]) -> int:
+        """End every session of ``entries`` (from :meth:`sessions_in`) in the shared store:
+        every gateway process refuses them from its next request on."""
+        for session_id, meta in entries.items():
+            await self.store.delete(f"s:{session_id}")
+            for key in self._index_keys(session_id, meta):
+                await self.store.index_remove(key, session_id)
+            log.info("session revoked", extra={"session": short_hash(session_id)})
+        return len(entries)
 
     async def _save(self, ticket: Ticket, session: Session, now: float) -> None:
         key = f"s:{ticket.session_id}"
@@ -347,35 +653,57 @@ class Gateway:
 
     # ------------------------------------------------------------------ proxy
 
-    async def _proxy(
-        self, request: web.Request, facts: RequestFacts, route: RouteConfig
-    ) -> tuple[web.StreamResponse, str | None]:
-        access_token = None
+    def _match_route(self, host: str, path: str, method: str) -> RouteConfig:
+        """The route serving ``method`` ``path`` on ``host``: NotFound without one; BadRequest
+        when ``;parameters`` would move the request to another route."""
+        route = self.routes.match(host, path, method)
+        if route is None:
+            raise NotFound("no route of this gateway matches this host and path")
+        if ";" in path and route is not self.routes.match(
+            host, without_path_params(path), method
+        ):
+            # Servlet containers drop ";params" before mapping a path: /admin;x is
+            # their /admin, but here it matched another route. Refuse the ambiguity.
+            raise BadRequest(
+                'the request path has ";" parameters that change which route serves it'
+            )
+        return route
+
+    async def _decide(
+        self, request: web.BaseRequest, facts: RequestFacts, route: RouteConfig, method: str
+    ) -> tuple[Access, str | None]:
+        """Whether ``method`` on ``route`` may go ahead for this request's session, and the
+        access token to pass on (when the route passes it). The one decision the proxy and
+        forward-auth both act on. Raises Forbidden (logged with the deciding rule) when the
+        policy refuses; ``Access.login_needed`` asks the caller to get a sign-in."""
         # Public routes never look at the session; optional ones use it when there is one.
         found = await self.authenticate(request) if route.auth != "public" else None
         # One decision for the live gateway and `oidc-gateway explain` (policy.authorize).
         access = authorize(
-            route, found[1].identity if found else None, method=request.method,
+            route, found[1].identity if found else None, method=method,
             client_ip=facts.forwarded.client_ip, default_policy=self.config.default_policy,
         )
-        if access.login_needed:
-            return await self._unauthenticated(request, facts, route), None
-        if not access.forward:
-            decision = access.decision
+        # The audit line (Gateway._account) says who, what was decided and by which rule.
+        facts.outcome.record(route.auth, access)
+        facts.outcome.user = found[1].identity.user if found else None
+        if not access.login_needed and not access.forward:
             who = found[1].identity.user if found else "-"
-            log.info(
-                "access denied",
-                extra={"request_id": facts.request_id, "route": route.name, "user": who,
-                       "reason": decision.reason if decision else "-",
-                       "rule": str(decision.rule) if decision and decision.rule else "-"},
-            )
             raise Forbidden(
                 f"You are signed in as {who}, but this account may not open this page.",
                 reason="policy_denied",
             )
+        token = None
+        if access.identity is not None and found is not None and route.pass_access_token:
+            token = found[1].tokens.access_token
+        return access, token
+
+    async def _proxy(
+        self, request: web.Request, facts: RequestFacts, route: RouteConfig
+    ) -> tuple[web.StreamResponse, str | None]:
+        access, access_token = await self._decide(request, facts, route, request.method)
+        if access.login_needed:
+            return await self._unauthenticated(request, facts, route), None
         identity: Identity | None = access.identity
-        if identity is not None and found is not None and route.pass_access_token:
-            access_token = found[1].tokens.access_token
         host_header = facts.host_header if route.pass_host_header else urlsplit(
             route.upstream).netloc
         headers = self.header_policy.upstream_request_headers(
@@ -384,15 +712,52 @@ class Gateway:
             access_token=access_token,
             forwarded=facts.forwarded,
             host_header=host_header,
+            added=await self._identity_headers(facts, route, identity, access_token),
         )
+        # The app logs the same id as the gateway: whatever the client sent is replaced.
+        headers = [h for h in headers if canonical(h[0]) != "x-request-id"]
+        headers.append((REQUEST_ID_HEADER, facts.request_id))
         url = upstream_url(route.upstream, encode_path(facts.path), facts.raw_query)
         user = identity.user if identity else None
         if is_websocket(request):
             return await self.proxy.websocket(
                 request, url, headers, read_timeout=route.timeout), user
+        sent = time.perf_counter()
         answer = await self.proxy.send(request, url, headers, read_timeout=route.timeout)
-        out_headers = upstream_response_headers(list(answer.headers.items()))
+        self.metrics.observe_upstream(route.name, time.perf_counter() - sent)
+        out_headers = [h for h in upstream_response_headers(list(answer.headers.items()))
+                       if canonical(h[0]) != "x-request-id"]
+        out_headers.append((REQUEST_ID_HEADER, facts.request_id))
         return await self.proxy.relay(request, answer, out_headers), user
+
+    async def _identity_headers(
+        self, facts: RequestFacts, route: RouteConfig, identity: Identity | None,
+        access_token: str | None,
+    ) -> list[tuple[str, str]]:
+        """The route's identity headers (headers:) and, with assertion: true and a signed-in
+        user, X-Gateway-Assertion, within the header budget (a cut is logged, not refused)."""
+        assertion = None
+        keys = self.assertion_keys
+        if route.assertion and identity is not None and keys is not None:
+            settings = self.config.assertion
+            assertion = AssertionRequest(
+                key=await keys.signing_key(),
+                issuer=self.config.server.public_url or facts.origin,
+                audience=settings.audience or route.upstream,
+                now=self.clock(),
+                lifetime=settings.lifetime,
+                jti=base64.urlsafe_b64encode(self.token_bytes(16)).decode().rstrip("="),
+            )
+        plan = plan_with_assertion(
+            identity, access_token, self.identity_rules[route.name], assertion)
+        if plan.trimmed:
+            log.warning(
+                "identity headers cut to fit headers.max_bytes",
+                extra={"request_id": facts.request_id, "route": route.name,
+                       "user": identity.user if identity else "-",
+                       "cut": "; ".join(plan.trimmed)},
+            )
+        return list(plan.headers)
 
     async def _unauthenticated(
         self, request: web.Request, facts: RequestFacts, route: RouteConfig
@@ -401,6 +766,20 @@ class Gateway:
         # route.unauthenticated may force either answer (policy.login_style).
         if login_style(route, navigation=_is_navigation(request)) == "redirect":
             return await self._begin_login(request, facts, target)
+        if route.unauthenticated == "auto" and _is_form_navigation(request):
+            # A browser submitting a form after its session ended: a redirect would drop what
+            # was sent without a word, JSON would be a blank stare. Say so, offer the sign-in,
+            # and come back to the page the form was on.
+            back = self._referring_page(request, facts) or target
+            return self._page(
+                401, "Sign-in needed",
+                "Your session has ended, so what you just sent did not reach the application.",
+                advice="Sign in, then send it again.",
+                link=Link(f"{self._callback_origin(facts)}{self.prefix}/start?rd="
+                          f"{quote(back, safe='')}", "Sign in"),
+                request_id=facts.request_id, kind="sign_in",
+                headers={"WWW-Authenticate": 'Bearer realm="oidc-gateway"'},
+            )
         login_url = f"{self._callback_origin(facts)}{self.prefix}/start?rd={quote(target, safe='')}"
         return web.json_response(
             {"error": "unauthenticated", "login_url": login_url},
@@ -410,6 +789,18 @@ class Gateway:
 
     def _callback_origin(self, facts: RequestFacts) -> str:
         return self.config.server.public_url or facts.origin
+
+    def _referring_page(self, request: web.BaseRequest, facts: RequestFacts) -> str | None:
+        """The page of this origin the browser came from (its ``Referer``), as a return
+        target like :meth:`_target_of` makes; None for another origin or none. ``/start``
+        still checks it with ``safe_redirect_target``."""
+        referer = request.headers.get("Referer", "")
+        own = _origin_key(facts.origin)
+        if not referer or own is None or _origin_key(referer) != own:
+            return None
+        parts = urlsplit(referer)
+        page = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return page if self._callback_origin(facts) == facts.origin else facts.origin + page
 
     def _redirect_uri(self, facts: RequestFacts) -> str:
         configured = self.config.provider.redirect_url
@@ -552,14 +943,12 @@ class Gateway:
             identity, tokens, claims = await self.idp.complete_login(
                 query, login, redirect_uri=self._redirect_uri(facts))
         except OIDCError as exc:
-            self.metrics.logins.labels("failed").inc()
             exc.retry_target = login.target
             raise
         problem = identity_value_problem(identity.user)
         if problem is not None:
             # Sent as X-Forwarded-User exactly or not at all: refuse now rather than on every
             # request (headers.identity_value_problem says why cleaning it is no option).
-            self.metrics.logins.labels("failed").inc()
             refused = OIDCError(
                 f"The sign-in service names your account with a user name that {problem}; "
                 "this gateway cannot pass it on to applications unchanged. Ask your "
@@ -585,7 +974,8 @@ class Gateway:
             sid=sid if isinstance(sid, str) else None,
         )
         await self._save(ticket, session, now)
-        self.metrics.logins.labels("ok").inc()
+        await self._index_session(ticket.session_id, session, request,
+                                  client_ip=facts.forwarded.client_ip)
         log.info("login", extra={"request_id": facts.request_id, "user": identity.user,
                                  "session": short_hash(ticket.session_id)})
         response = web.Response(status=302, headers={
@@ -612,14 +1002,15 @@ class Gateway:
                 advice="If you want to sign out, press the button. Otherwise close this page: "
                 "you stay signed in.",
                 link=Link(again, "Sign out"),
-                request_id=facts.request_id,
+                request_id=facts.request_id, kind="sign_out_confirm",
             )
         session: Session | None = None
         ticket = decode_ticket(request.cookies.get(self.cookie_name, ""))
         if ticket is not None:
             found = await self.authenticate(request)
             session = found[1] if found else None
-            await self.store.delete(f"s:{ticket.session_id}")
+            await self._end_session(ticket.session_id, session)
+            self.metrics.logouts.labels("ok").inc()
             log.info("sign-out", extra={"request_id": facts.request_id,
                                         "session": short_hash(ticket.session_id)})
         response: web.StreamResponse
@@ -643,7 +1034,7 @@ class Gateway:
                 200, "Signed out", "You are signed out of this gateway.",
                 advice="Close the browser to end your session at the identity provider too.",
                 link=Link(f"{self.prefix}/start?rd=%2F", "Sign in again"),
-                request_id=facts.request_id,
+                request_id=facts.request_id, kind="signed_out",
             )
         response.headers["Cache-Control"] = _NO_STORE
         # The same attributes as when set: browsers ignore a __Host- cookie without Secure.
@@ -693,6 +1084,217 @@ class Gateway:
             headers={"Cache-Control": _NO_STORE},
         )
 
+    async def backchannel_logout(
+        self, request: web.Request, facts: RequestFacts
+    ) -> web.StreamResponse:
+        """OpenID Connect Back-Channel Logout 1.0: the provider POSTs a ``logout_token``; every
+        session of its ``sid`` (or of its ``sub`` when it names no sid) ends, in every gateway
+        sharing the store. 200 when done, 400 for a token that is invalid or replayed (§2.8).
+        """
+        if request.method != "POST":
+            raise RequestError("use POST", reason="method_not_allowed", status_hint=405)
+        form = await request.post()
+        token = form.get("logout_token")
+        if not isinstance(token, str) or not token or len(token) > 16384:
+            raise OIDCError("logout token: missing", reason="logout_token_invalid",
+                            status_hint=400)
+        logout = await self.idp.validate_logout_token(token)
+        # Replays: each jti is accepted once while a token could still be fresh (iat check).
+        jti_key = "j:" + hashlib.sha256(logout.jti.encode()).hexdigest()
+        if not await self.store.set_new(jti_key, b"1", 2 * LOGOUT_TOKEN_MAX_AGE):
+            raise OIDCError("logout token: already used (jti replayed)",
+                            reason="logout_token_replayed", status_hint=400)
+        if logout.sid is not None:
+            entries = await self.sessions_in(f"x:sid:{logout.sid}")
+            if logout.sub is not None:
+                entries = {k: v for k, v in entries.items() if v.get("sub") == logout.sub}
+        else:
+            entries = await self.sessions_in(f"x:sub:{logout.sub}")
+        count = await self.revoke(entries)
+        log.info("back-channel logout", extra={"request_id": facts.request_id,
+                                               "sessions": count})
+        return web.Response(status=200, headers={"Cache-Control": _NO_STORE})
+
+    async def frontchannel_logout(
+        self, request: web.Request, facts: RequestFacts
+    ) -> web.StreamResponse:
+        """OpenID Connect Front-Channel Logout 1.0: the provider's logout page loads
+        ``?iss=…&sid=…`` in an iframe; every session of that provider session ends, in every
+        gateway sharing the store.
+
+        By ``sid`` alone, never by cookie: the session cookie is ``SameSite=Lax``, so a browser
+        does not send it in a cross-site iframe. ``iss`` must be exactly ``provider.issuer``
+        and ``sid`` present (§2: both are sent when the client registers
+        ``frontchannel_logout_session_required``), else 400 and nothing ends. An unknown sid
+        is a 200 (nothing to end; the provider may call twice). Weaker than back-channel:
+        nothing here is signed, so anyone who knows a sid can end that session, which is why
+        it rests on sids being unguessable. The answer is empty and framable by the provider
+        only (§4: not cached); the gateway's own pages stay unframable.
+        """
+        if request.method != "GET":
+            raise RequestError("use GET", reason="method_not_allowed", status_hint=405)
+        iss = request.query.getall("iss", [])
+        sid = request.query.getall("sid", [])
+        if len(iss) != 1 or iss[0] != self.config.provider.issuer:
+            raise BadRequest(
+                "front-channel logout: iss must be given once and be exactly provider.issuer; "
+                "register the URL at the provider with frontchannel_logout_session_required",
+                reason="frontchannel_logout_invalid")
+        if len(sid) != 1 or not sid[0] or len(sid[0]) > 512:
+            raise BadRequest(
+                "front-channel logout: sid must be given once (register the URL at the "
+                "provider with frontchannel_logout_session_required)",
+                reason="frontchannel_logout_invalid")
+        count = await self.revoke(await self.sessions_in(f"x:sid:{sid[0]}"))
+        log.info("front-channel logout", extra={"request_id": facts.request_id,
+                                                "sessions": count})
+        return web.Response(
+            status=200, body=b"", content_type="text/html", charset="utf-8",
+            headers={
+                "Cache-Control": "no-cache, no-store",
+                "Pragma": "no-cache",
+                "Content-Security-Policy": "default-src 'none'; frame-ancestors "
+                + " ".join(self._provider_origins()),
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    def _provider_origins(self) -> list[str]:
+        """CSP sources of the origins the provider frames the front-channel URL from: the
+        issuer's and, when discovery named one elsewhere, the end_session_endpoint's (the
+        logout page). ``'none'`` if neither is a plain http(s) origin."""
+        urls = [self.config.provider.issuer]
+        if self.idp.ready and self.idp.metadata.end_session_endpoint:
+            urls.append(self.idp.metadata.end_session_endpoint)
+        origins: list[str] = []
+        for url in urls:
+            source = _csp_origin(url)
+            if source is not None and source not in origins:
+                origins.append(source)
+        return origins or ["'none'"]
+
+    # ------------------------------------------------------------------ forward-auth
+
+    async def forward_auth(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
+        """``/oauth2/auth``: nginx ``auth_request``, Traefik ForwardAuth and Envoy ext_authz ask
+        whether the request they hold may go ahead (design §5).
+
+        The original request is judged exactly as the proxy mode judges its own: the same
+        route matching (:meth:`_match_route`) and the same decision (:meth:`_decide`). Answers:
+        202 with the ``X-Auth-Request-*`` identity (none on public routes, nor for anonymous
+        visitors of optional ones); 401 without a session: for a browser navigation (or a
+        route with ``unauthenticated: redirect``) a page with a sign-in link, which Traefik
+        and Envoy pass on as it is, and the link in ``X-Auth-Request-Login-Url`` for nginx
+        to redirect to; else JSON with ``login_url``, as the proxy mode; 403 when the policy
+        refuses, and 403 too when no route serves the URL or its path is one the proxy would
+        refuse, since nginx's ``auth_request`` knows only 2xx, 401 and 403 and turns anything
+        else into a 500. 400 when the check itself is malformed (:meth:`_original_target`).
+        Any method is accepted: Envoy asks with the original request's method.
+        """
+        raw_path, raw_query, method, authority = self._original_target(request, facts)
+        try:
+            path = normalize_path(raw_path)
+            host = authority_host(authority)
+            if host is None:
+                raise BadRequest("the original request's host is malformed")
+            route = self._match_route(host, path, method)
+        except (NotFound, BadRequest) as exc:
+            raise Forbidden(exc.message, reason=exc.reason) from None
+        original = replace(
+            facts, host=host, host_header=authority, path=path, raw_query=raw_query,
+            forwarded=replace(facts.forwarded, host=authority),
+        )
+        access, token = await self._decide(request, original, route, method)
+        if access.login_needed:
+            login_url = self._login_url(original)
+            headers = {"WWW-Authenticate": 'Bearer realm="oidc-gateway"'}
+            # The proxy mode's choice between a redirect and a 401 (policy.login_style), made
+            # on the original request: the check carries the client's headers, not its method.
+            navigation = (method in ("GET", "HEAD") and _wants_html(request)
+                          and request.headers.get("X-Requested-With", "").lower()
+                          != "xmlhttprequest")
+            if login_style(route, navigation=navigation) == "redirect":
+                # Only then: nginx's @sign_in redirects there, and answers 401 without it.
+                headers["X-Auth-Request-Login-Url"] = login_url
+                # Traefik and Envoy hand this answer to the browser as it is: a page with the
+                # way in, since a 401 cannot redirect.
+                return self._page(
+                    401, "Sign-in needed", "This page needs you to sign in.",
+                    link=Link(login_url, "Sign in"), request_id=facts.request_id,
+                    kind="sign_in", headers=headers)
+            return web.json_response(
+                {"error": "unauthenticated", "login_url": login_url},
+                status=401, headers={"Cache-Control": _NO_STORE, **headers},
+            )
+        if not peer_trusted(request.remote or "", self.config.server.trusted_proxies):
+            # The answer goes to whoever asked. A trusted proxy copies the token onto the
+            # request to the app; anyone else asking (a page's script, with the user's
+            # cookie) would be reading a bearer token the gateway otherwise never lets out.
+            token = None
+        response = web.Response(status=202, headers={"Cache-Control": _NO_STORE})
+        for name, value in auth_request_headers(access.identity, token):
+            response.headers[name] = value
+        return response
+
+    def _original_target(
+        self, request: web.BaseRequest, facts: RequestFacts
+    ) -> tuple[str, str, str, str]:
+        """(raw path, raw query, method, authority) of the request a forward-auth check is
+        about. Raises BadRequest when the check does not say, or says it ambiguously.
+
+        * ``/oauth2/auth/<original path>`` (Envoy's ``path_prefix``): everything comes from
+          the check request itself: the path after the prefix, the query, the method and the
+          ``Host`` (Envoy sends the original ``:authority``). Headers claiming another URL or
+          method are ignored, even from a trusted proxy: the request line is the proxy's own
+          word, a header may be the client's, passed through.
+        * ``/oauth2/auth``: the URL and method come from ``X-Forwarded-Uri`` /
+          ``X-Original-URI`` and ``X-Forwarded-Method`` / ``X-Original-Method``, the host from
+          ``X-Forwarded-Host`` (else ``Host``), and only from ``server.trusted_proxies``: from
+          anyone else they are ignored, and since the check's own path names no page, the
+          answer is a 400 that says what to configure (judging the endpoint's own path, or
+          the headers of a client that picks the URL it is judged on, would fail open).
+        """
+        raw_path, raw_query = _split_target(request.raw_path, facts.host_header)
+        endpoint = f"{self.prefix}/auth"
+        if facts.path != endpoint:
+            if not raw_path.startswith(endpoint + "/"):
+                raise BadRequest(
+                    f"a forward-auth check names the original path right after {endpoint}, "
+                    f"as written ({endpoint}/app/page), not encoded or with dot-segments")
+            return raw_path[len(endpoint):], raw_query, request.method, facts.host_header
+        peer = request.remote or ""
+        if not peer_trusted(peer, self.config.server.trusted_proxies):
+            raise BadRequest(
+                f"This authorization check does not say which page it is for: it came from "
+                f"{peer or 'an unknown address'}, which is not in server.trusted_proxies, so "
+                "its X-Forwarded-Uri / X-Original-URI headers are not believed. Add the "
+                "proxy's address to server.trusted_proxies, or ask with the original path "
+                f"appended ({endpoint}/app/page, Envoy's path_prefix).")
+        said = original_request(list(request.headers.items()))
+        if said.uri is None or said.method is None:
+            raise BadRequest(
+                "This authorization check does not say which request it is for: the proxy "
+                "must send the original URI (X-Original-URI or X-Forwarded-Uri) and method "
+                "(X-Original-Method or X-Forwarded-Method); see config/nginx/.")
+        path, _, query = said.uri.partition("?")
+        return path.partition("#")[0], query.partition("#")[0], said.method, facts.forwarded.host
+
+    def _login_url(self, facts: RequestFacts) -> str:
+        """Where to send someone to sign in and come back to the request of ``facts``."""
+        target = quote(self._target_of(facts), safe="")
+        return f"{self._callback_origin(facts)}{self.prefix}/start?rd={target}"
+
+    async def jwks(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
+        """The public keys of X-Gateway-Assertion (RFC 7517 JWK Set). Cacheable for a
+        minute: a new generated key is published two minutes before it signs."""
+        if self.assertion_keys is None:
+            raise NotFound("no route of this gateway signs identity assertions")
+        document = jwk_set(await self.assertion_keys.published())
+        return web.json_response(
+            document, content_type="application/jwk-set+json",
+            headers={"Cache-Control": "public, max-age=60"},
+        )
+
     # ------------------------------------------------------------------ health and metrics
 
     async def ping(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
@@ -700,6 +1302,11 @@ class Gateway:
 
     async def ready(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
         provider_ok = self.idp.ready
+        if self.draining:  # shutting down: no store round trip, just "send elsewhere"
+            return web.json_response(
+                {"ready": False, "provider": provider_ok, "store": None, "draining": True},
+                status=503, headers={"Retry-After": "1"},
+            )
         try:
             await self.store.ping()
             store_ok = True
@@ -707,7 +1314,7 @@ class Gateway:
             store_ok = False
         ok = provider_ok and store_ok
         return web.json_response(
-            {"ready": ok, "provider": provider_ok, "store": store_ok},
+            {"ready": ok, "provider": provider_ok, "store": store_ok, "draining": False},
             status=200 if ok else 503,
         )
 
@@ -723,12 +1330,14 @@ class Gateway:
 
     def _page(
         self, status: int, heading: str, message: str, *, advice: str = "",
-        link: Link | None = None, request_id: str = "",
+        link: Link | None = None, request_id: str = "", kind: PageKind | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> web.Response:
-        body = self.pages.render(status=status, heading=heading, message=message,
+        body = self.pages.render(kind, status=status, heading=heading, message=message,
                                  advice=advice, link=link, request_id=request_id)
         return web.Response(status=status, text=body, content_type="text/html",
-                            headers={"Cache-Control": _NO_STORE, **_PAGE_HEADERS})
+                            headers={"Cache-Control": _NO_STORE, **_PAGE_HEADERS,
+                                     **(headers or {})})
 
     def _error(
         self, request: web.BaseRequest, exc: RequestError, request_id: str,
@@ -745,8 +1354,15 @@ class Gateway:
                 status=status, headers={"Cache-Control": _NO_STORE},
             )
         heading, advice, link = self._explain(exc, facts)
-        return self._page(status, heading, exc.message, advice=advice, link=link,
-                          request_id=request_id)
+        message = exc.message
+        if isinstance(exc, UpstreamError):
+            # The app's internal address and the client's exception name are for the log.
+            message = ("The application behind this address took too long to answer."
+                       if status == 504 else
+                       "The application behind this address could not be reached.")
+        return self._page(status, heading, message, advice=advice, link=link,
+                          request_id=request_id,
+                          kind="sign_in" if isinstance(exc, NotAuthenticated) else None)
 
     def _explain(
         self, exc: RequestError, facts: RequestFacts | None
@@ -766,12 +1382,16 @@ class Gateway:
             return ("Not found", "Check the address.", None)
         if isinstance(exc, NotAuthenticated):
             return ("Sign-in needed", "", Link(start + "%2F", "Sign in"))
+        # href="": the button reloads the page that failed (the same URL, never elsewhere).
         if exc.status_hint == 503:
             return ("Temporarily unavailable",
                     "Nobody can sign in or reach this application until it is back. Try again "
-                    "in a minute.", None)
+                    "in a minute.", Link("", "Try again"))
         if exc.status_hint in (502, 504):
             return ("The application is not answering",
                     "Try again in a minute; if it persists, tell the application's owner the "
-                    "reference below.", None)
+                    "reference below.", Link("", "Try again"))
+        if exc.status_hint >= 500:
+            return ("Something went wrong",
+                    "If this keeps happening, tell your administrator the reference below.", None)
         return ("Request refused", "", None)

@@ -17,15 +17,28 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import replace as _replace
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from gateway.assertion import (
+    ASSERTION_HEADER,
+    AssertionRequest,
+    assertion_claims,
+    new_key,
+    plan_with_assertion,
+)
 from gateway.config import ClaimsConfig, Config, RouteConfig
 from gateway.errors import BadRequest, OIDCError
-from gateway.headers import HeaderPolicy, forwarded_facts
+from gateway.headers import (
+    HeaderPolicy,
+    compile_identity_rules,
+    configured_identity_headers,
+    forwarded_facts,
+)
 from gateway.models import Identity
 from gateway.oidc import identity_from_claims
 from gateway.policy import Access, authorize, login_style
@@ -37,6 +50,8 @@ __all__ = ["Explanation", "claims_from_options", "explain", "identity_of", "rend
 ACCESS_TOKEN_PLACEHOLDER: Final = "<the session's access token>"  # noqa: S105 - a label
 # The gateway's own endpoints outside server.prefix (endpoints.Gateway.own).
 _OWN_PATHS: Final = ("/ping", "/ready", "/metrics")
+# Also the gateway's own when some route signs assertions (its public keys).
+_JWKS_PATH: Final = "/.well-known/jwks.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +73,8 @@ class Explanation:
     access: Access | None = None
     upstream: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    # What the identity-header budget (headers.max_bytes) would cut, as the log would say.
+    trimmed: tuple[str, ...] = ()
 
     @property
     def forwarded(self) -> bool:
@@ -126,7 +143,8 @@ def explain(
 
     # endpoints.Gateway.handle: the gateway's own paths first, then the route table.
     prefix = config.server.prefix
-    if path in _OWN_PATHS or path == prefix or path.startswith(prefix + "/"):
+    jwks = path == _JWKS_PATH and any(r.assertion for r in config.routes)
+    if path in _OWN_PATHS or jwks or path == prefix or path.startswith(prefix + "/"):
         return _replace(base, own_endpoint=True)
     route = RouteTable(config.routes).match(host, path, method)
     if route is None:
@@ -148,21 +166,49 @@ def explain(
     policy = HeaderPolicy(
         strip_patterns=config.server.strip_headers,
         own_cookie_name=config.session.cookie.effective_name,
+        identity_names=configured_identity_headers(config),
     )
+    access_token = (
+        ACCESS_TOKEN_PLACEHOLDER
+        if access.identity is not None and route.pass_access_token
+        else None
+    )
+    # endpoints.Gateway._identity_headers: the route's headers and assertion, the same budget;
+    # the assertion is sized with a throwaway key and shown as its claims, never signed here.
+    assertion = None
+    if route.assertion and access.identity is not None:
+        assertion = AssertionRequest(
+            key=new_key(),
+            issuer=config.server.public_url or f"{forwarded.proto}://{forwarded.host}",
+            audience=config.assertion.audience or route.upstream,
+            now=0.0,
+            lifetime=config.assertion.lifetime,
+            jti="<random>",
+        )
+    plan = plan_with_assertion(
+        access.identity, access_token, compile_identity_rules(config)[route.name], assertion
+    )
+    added = list(plan.headers)
+    if assertion is not None and access.identity is not None:
+        claims = assertion_claims(
+            access.identity, plan.groups, issuer=assertion.issuer,
+            audience=assertion.audience, now=0.0, lifetime=assertion.lifetime, jti="<random>",
+        )
+        shown = {k: v for k, v in claims.items() if k not in ("iat", "exp")}
+        added[-1] = (ASSERTION_HEADER, f"<JWT signed ES256, valid {assertion.lifetime:g}s: "
+                     f"{json.dumps(shown, ensure_ascii=False)}>")
     sent = policy.upstream_request_headers(
         list(headers),
         identity=access.identity,
-        access_token=(
-            ACCESS_TOKEN_PLACEHOLDER
-            if access.identity is not None and route.pass_access_token
-            else None
-        ),
+        access_token=access_token,
         forwarded=forwarded,
         host_header=host_header if route.pass_host_header else urlsplit(route.upstream).netloc,
+        added=added,
     )
     query = f"?{parts.query}" if parts.query else ""
     return _replace(
-        base, upstream=f"{route.upstream}{encode_path(path)}{query}", headers=tuple(sent)
+        base, upstream=f"{route.upstream}{encode_path(path)}{query}", headers=tuple(sent),
+        trimmed=plan.trimmed,
     )
 
 
@@ -200,6 +246,8 @@ def render(e: Explanation) -> str:
         lines.append(f"upstream: {e.method} {e.upstream}")
         lines.append("headers:")
         lines += [f"  {name}: {value}" for name, value in e.headers]
+        if e.trimmed:
+            lines.append(f"cut:      to fit headers.max_bytes: {'; '.join(e.trimmed)}")
     lines.append(_result(e))
     return "\n".join(lines)
 

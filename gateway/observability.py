@@ -1,7 +1,15 @@
-"""JSON logs, request ids and Prometheus metrics.
+"""Logs, request ids and Prometheus metrics.
 
-Logs are one JSON object per line so log shippers need no parsing rules. Nothing here ever
-receives a token, cookie or session id: callers pass a short hash (``short_hash``) instead.
+Logs are one JSON object per line (or ``key=value`` text for a terminal) so log shippers need
+no parsing rules. Nothing here ever receives a token, cookie or session id: callers pass a
+short hash (``short_hash``) instead.
+
+Metrics are cheap per request on purpose: the label children a request touches are bound once
+and kept (``Metrics.observe_request``), so the hot path is a dict lookup and two increments,
+not ``labels()`` with its argument checks and lock. With ``server.workers`` > 1 every worker
+writes its samples to files in a directory the supervisor made, and whichever worker a scrape
+reaches adds them all up (prometheus_client's multiprocess mode): counters never jump back
+when a scrape lands on another worker.
 """
 
 from __future__ import annotations
@@ -9,56 +17,201 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import secrets
 import sys
 import time
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["METRICS_CONTENT_TYPE", "Metrics", "configure_logging", "new_request_id", "short_hash"]
+from gateway import __version__
+from gateway.policy import Access
 
-_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
+__all__ = [
+    "AUDITED",
+    "DECISIONS",
+    "METRICS_CONTENT_TYPE",
+    "REQUEST_ID_HEADER",
+    "JsonFormatter",
+    "MeteredStore",
+    "Metrics",
+    "Outcome",
+    "TextFormatter",
+    "configure_logging",
+    "new_request_id",
+    "request_id",
+    "short_hash",
+]
+
+_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message", "asctime", "taskName",
+}
+
+REQUEST_ID_HEADER: Final = "X-Request-Id"
+# A client's (or ingress's) request id is reused only when it looks like an id: UUIDs, hex,
+# base64 and dotted or colon-separated trace ids pass; spaces, quotes, angle brackets and
+# control characters do not, so the id can go into a header, a log line and an HTML page
+# without any of them having to defend against it.
+_SAFE_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+/=@-]{0,127}")
+
+# Every value the ``decision`` label takes. ``endpoint``: one of the gateway's own endpoints
+# (/ping, /metrics, /oauth2/*), no access decision. ``error``: the request ended before a
+# decision could be made (bad request, no route, session store down).
+DECISIONS: Final = (
+    "allowed", "denied", "login_redirect", "unauthenticated_401", "public", "error", "endpoint",
+)
+_STORE_OPERATIONS: Final = ("get", "set", "delete", "pop", "ping")
+# From 1 ms (a cached page) to 30 s (a slow report); the upstream and the gateway share them so
+# the two histograms can be compared bucket by bucket.
+_LATENCY_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+# Redis answers in well under a millisecond on a LAN; the store timeout is a second by default.
+_STORE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs
+# ---------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """``2026-01-31T12:00:00.123Z`` for a record; the part down to the second is made once
+    per second (two log lines per request make strftime show up in a profile)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._text}.{int(record.msecs):03d}Z"
+
+
+def _extras(record: logging.LogRecord) -> Iterable[tuple[str, Any]]:
+    """The ``extra={...}`` fields of a record, in the order they were given."""
+    for key, value in record.__dict__.items():
+        if key not in _RESERVED and key[0] != "_":
+            yield key, value
+
+
+# One encoder for every line (json.dumps with options builds a new one per call).
+_JSON: Final = json.JSONEncoder(default=str, separators=(",", ":"))
+
+
+def _error_text(formatter: logging.Formatter, record: logging.LogRecord) -> dict[str, str]:
+    """Exception type and message; the traceback only at debug level (never to users)."""
+    if not record.exc_info or record.exc_info[0] is None:
+        return {}
+    out = {"error": f"{record.exc_info[0].__name__}: {record.exc_info[1]}"}
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        out["traceback"] = formatter.formatException(record.exc_info)
+    return out
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record; ``extra={...}`` fields become top-level keys."""
+    """One JSON object per record; ``extra={...}`` fields become top-level keys.
+
+    ``pid``: add the process id to every line, so the lines of several workers writing to one
+    stream can be told apart.
+    """
+
+    def __init__(self, *, pid: bool = False) -> None:
+        super().__init__()
+        self._pid = pid
+        self._clock = _Clock()
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": self._clock(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in record.__dict__.items():
-            if key not in _RESERVED and not key.startswith("_"):
-                out[key] = value
-        if record.exc_info and record.exc_info[0] is not None:
-            # Exception type and message only: tracebacks go to debug level, never to users.
-            out["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
-            if logging.getLogger().isEnabledFor(logging.DEBUG):
-                out["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, separators=(",", ":"))
+        if self._pid:
+            out["pid"] = record.process
+        out.update(_extras(record))
+        if record.exc_info:
+            out.update(_error_text(self, record))
+        return _JSON.encode(out)
 
 
-def configure_logging(level: str, fmt: str) -> None:
+# A text value is written bare when it cannot be misread: no spaces, quotes, "=" or controls.
+_BARE: Final = re.compile(r"[^\s\"'=\\\x00-\x1f\x7f]+")
+
+
+def _text_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool | int | float):
+        return json.dumps(value)
+    text = value if isinstance(value, str) else str(value)
+    # Quoted with JSON's escapes: a newline in a value can never start a forged log line.
+    return text if _BARE.fullmatch(text) else json.dumps(text)
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message key=value ...``: the same fields as the JSON format, for
+    people reading a terminal. Values with spaces or quotes are quoted; ``-`` is none."""
+
+    def __init__(self, *, pid: bool = False) -> None:
+        super().__init__()
+        self._pid = pid
+        self._clock = _Clock()
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = list(_extras(record))
+        if self._pid:
+            fields.insert(0, ("pid", record.process))
+        fields.extend(_error_text(self, record).items())
+        head = f"{self._clock(record)} {record.levelname.lower()} {record.name}: "
+        message = record.getMessage()
+        tail = " ".join(f"{key}={_text_value(value)}" for key, value in fields)
+        # The message is the gateway's own text; a quoted multi-line one stays on one line.
+        body = message if "\n" not in message else json.dumps(message)
+        return head + body + (" " + tail if tail else "")
+
+
+def configure_logging(level: str, fmt: str, *, pid: bool = False) -> None:
+    """Send every log record to stderr in ``fmt`` (``json`` or ``text``) from ``level`` up.
+
+    Called again on a config reload: the handler is replaced, never added to.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter(pid=pid) if fmt == "json" else TextFormatter(pid=pid))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aiohttp's own access log is replaced by ours (JSON, with route and user).
+    # What no line shows is not gathered for every record (the logging HOWTO's
+    # "Optimization"): the caller's file and line, thread and multiprocessing names. Two lines
+    # a request (access and audit) make it worth it.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    # aiohttp's own access log is replaced by ours (with route, decision and user).
     logging.getLogger("aiohttp.access").disabled = True
 
 
 def new_request_id() -> str:
     return secrets.token_hex(8)
+
+
+def request_id(sent: str | None, *, trusted: bool) -> str:
+    """The id of one request: the ``X-Request-Id`` a trusted proxy sent when it is a safe
+    id, so the ingress's log, ours and the app's share it; else a fresh one. A client that is
+    not a trusted proxy never chooses its id (it could otherwise make its requests look like
+    someone else's in the logs)."""
+    if sent is not None and trusted and _SAFE_REQUEST_ID.fullmatch(sent):
+        return sent
+    return new_request_id()
 
 
 def short_hash(secret: str | bytes) -> str:
@@ -67,34 +220,266 @@ def short_hash(secret: str | bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
 
 
-class Metrics:
-    """The gateway's Prometheus metrics, in a registry of its own (one per app)."""
+# ---------------------------------------------------------------------------------------------
+# What was decided about one request
+# ---------------------------------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+# The decisions the audit log records (the others are no access decision).
+AUDITED: Final = frozenset(
+    {"allowed", "denied", "login_redirect", "unauthenticated_401", "public"}
+)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The access decision on one request, for its access line, audit line and metrics.
+
+    Filled in where the policy is applied (:meth:`record`); ``decision`` stays None for the
+    gateway's own endpoints and for requests that end before any decision (errors).
+    """
+
+    decision: str | None = None
+    reason: str = "-"
+    rule: str | None = None
+    user: str | None = None
+
+    def record(self, auth: str, access: Access) -> None:
+        """Note what ``policy.authorize`` answered on a route whose ``auth`` is given.
+
+        ``login_needed`` is noted as ``login_needed``; the caller's answer (302 or 401) says
+        which of ``login_redirect`` and ``unauthenticated_401`` it became.
+        """
+        decided = access.decision
+        if decided is not None:
+            self.reason = decided.reason
+            self.rule = str(decided.rule) if decided.rule is not None else None
+        if access.login_needed:
+            self.decision, self.reason = "login_needed", "no session"
+        elif not access.forward:
+            self.decision = "denied"
+        elif auth == "public":
+            self.decision, self.reason = "public", "public route"
+        elif access.identity is None:
+            self.decision, self.reason = "public", "optional route, no session"
+        else:
+            self.decision = "allowed"
+            if decided is None:
+                self.reason = "optional route, signed in"
+
+    def final(self, status: int, *, own_endpoint: bool) -> str:
+        """The ``decision`` label once the answer's status is known."""
+        if self.decision == "login_needed":
+            return "login_redirect" if status == 302 else "unauthenticated_401"
+        if self.decision is None:
+            return "endpoint" if own_endpoint else "error"
+        return self.decision
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, in a registry of its own (one per process).
+
+    One instance outlives config reloads, so counters keep counting across them.
+    ``multiprocess_dir``: the directory the workers of ``server.workers`` share; when set,
+    :meth:`render` adds up every worker's samples found there.
+    """
+
+    def __init__(self, *, multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        registry = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "oidc_gateway_requests",
-            "Requests answered, by route and outcome",
-            ["route", "outcome"],
-            registry=self.registry,
+            "Requests answered, by route (or own endpoint), status class and access decision",
+            ["route", "status", "decision"], registry=registry,
         )
-        self.duration = Histogram(
+        self.request_duration = Histogram(
             "oidc_gateway_request_duration_seconds",
-            "Time to the response headers",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
-            registry=self.registry,
+            "Time from a request's arrival until its answer is complete, by route",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "oidc_gateway_upstream_duration_seconds",
+            "Time from sending a request to the upstream until its response headers, by route",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.in_flight = Gauge(
+            "oidc_gateway_requests_in_flight", "Requests being answered now",
+            registry=registry, multiprocess_mode="livesum",
         )
         self.logins = Counter(
-            "oidc_gateway_logins",
-            "Completed and failed logins",
-            ["result"],
-            registry=self.registry,
+            "oidc_gateway_logins", "Completed (ok) and failed logins at the callback",
+            ["result"], registry=registry,
+        )
+        self.logouts = Counter(
+            "oidc_gateway_logouts", "Sign-outs that ended a session (ok) or could not (failed)",
+            ["result"], registry=registry,
+        )
+        self.refreshes = Counter(
+            "oidc_gateway_refreshes", "Token refreshes at the provider, by result",
+            ["result"], registry=registry,
+        )
+        self.store_duration = Histogram(
+            "oidc_gateway_session_store_duration_seconds",
+            "Session store operations, by operation (errors included)",
+            ["operation"], buckets=_STORE_BUCKETS, registry=registry,
+        )
+        self.store_errors = Counter(
+            "oidc_gateway_session_store_errors",
+            "Session store operations that failed (each one a 503 or a degraded answer)",
+            ["operation"], registry=registry,
         )
         self.provider_ready = Gauge(
             "oidc_gateway_provider_ready",
-            "1 when the provider's metadata and keys are loaded",
-            registry=self.registry,
+            "1 when the provider's metadata and keys are loaded (every worker: the lowest)",
+            registry=registry, multiprocess_mode="livemin",
         )
+        self.draining = Gauge(
+            "oidc_gateway_draining", "1 from SIGTERM on, while in-flight requests finish",
+            registry=registry, multiprocess_mode="livemax",
+        )
+        self.config_reloads = Counter(
+            "oidc_gateway_config_reloads", "Config reloads (SIGHUP or file change), by result",
+            ["result"], registry=registry,
+        )
+        self.config_reload_ok = Gauge(
+            "oidc_gateway_config_last_reload_successful",
+            "0 while the config file on disk is invalid and the previous config is served",
+            registry=registry, multiprocess_mode="livemin",
+        )
+        self.config_loaded_at = Gauge(
+            "oidc_gateway_config_last_reload_success_timestamp_seconds",
+            "When the config being served was loaded (Unix time)",
+            registry=registry, multiprocess_mode="livemax",
+        )
+        build = Gauge(
+            "oidc_gateway_build_info", "The running version (always 1)", ["version"],
+            registry=registry, multiprocess_mode="max",
+        )
+        build.labels(__version__).set(1)
+        self.config_reload_ok.set(1)
+        self.config_loaded_at.set(time.time())
+        # Every series that can be known up front starts at 0, so rate() and alerts work from
+        # the first scrape instead of from the first failure.
+        for result in ("ok", "failed"):
+            self.logins.labels(result)
+            self.logouts.labels(result)
+            self.refreshes.labels(result)
+            self.config_reloads.labels(result)
+        self.store_timers = {op: self.store_duration.labels(op) for op in _STORE_OPERATIONS}
+        self.store_failures = {op: self.store_errors.labels(op) for op in _STORE_OPERATIONS}
+        self._request_children: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
+        self._upstream_children: dict[str, Histogram] = {}
+
+    def observe_request(self, route: str, status: int, decision: str, seconds: float) -> None:
+        """Count one answered request. ``route`` is a configured route's name or an own
+        endpoint's path, so the label values stay as few as the config makes them."""
+        key = (route, status // 100, decision)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(route, f"{key[1]}xx", decision),
+                self.request_duration.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def observe_upstream(self, route: str, seconds: float) -> None:
+        child = self._upstream_children.get(route)
+        if child is None:
+            child = self._upstream_children[route] = self.upstream_duration.labels(route)
+        child.observe(seconds)
 
     def render(self) -> bytes:
+        if self.multiprocess_dir:
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+            return generate_latest(merged)
         return generate_latest(self.registry)
+
+
+# ---------------------------------------------------------------------------------------------
+# The session store, timed
+# ---------------------------------------------------------------------------------------------
+
+
+class _Store(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+    async def set(self, key: str, value: bytes, ttl: float) -> None: ...
+    async def delete(self, key: str) -> None: ...
+    async def pop(self, key: str) -> bytes | None: ...
+    async def ping(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class MeteredStore:
+    """A session store that times every operation and counts the failed ones.
+
+    A wrapper rather than code in each store: the memory and Redis stores (and any future one)
+    are measured alike, and the stores stay free of Prometheus. Anything else asked of it
+    goes to the wrapped store unmeasured.
+    """
+
+    def __init__(self, inner: _Store, metrics: Metrics) -> None:
+        self.inner = inner
+        self._timers = metrics.store_timers
+        self._failures = metrics.store_failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def get(self, key: str) -> bytes | None:
+        started = time.perf_counter()
+        try:
+            return await self.inner.get(key)
+        except Exception:
+            self._failures["get"].inc()
+            raise
+        finally:
+            self._timers["get"].observe(time.perf_counter() - started)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        started = time.perf_counter()
+        try:
+            await self.inner.set(key, value, ttl)
+        except Exception:
+            self._failures["set"].inc()
+            raise
+        finally:
+            self._timers["set"].observe(time.perf_counter() - started)
+
+    async def delete(self, key: str) -> None:
+        started = time.perf_counter()
+        try:
+            await self.inner.delete(key)
+        except Exception:
+            self._failures["delete"].inc()
+            raise
+        finally:
+            self._timers["delete"].observe(time.perf_counter() - started)
+
+    async def pop(self, key: str) -> bytes | None:
+        started = time.perf_counter()
+        try:
+            return await self.inner.pop(key)
+        except Exception:
+            self._failures["pop"].inc()
+            raise
+        finally:
+            self._timers["pop"].observe(time.perf_counter() - started)
+
+    async def ping(self) -> None:
+        started = time.perf_counter()
+        try:
+            await self.inner.ping()
+        except Exception:
+            self._failures["ping"].inc()
+            raise
+        finally:
+            self._timers["ping"].observe(time.perf_counter() - started)
+
+    async def close(self) -> None:
+        await self.inner.close()
