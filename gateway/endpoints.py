@@ -375,8 +375,8 @@ class Gateway:
             "duration_ms": round(elapsed * 1000, 2),
         }
         if settings.audit_log and decision in AUDITED:
-            audit_log.info("decision",
-                           extra={**fields, "reason": outcome.reason, "rule": outcome.rule})
+            audit_log.info(AUDITED[decision],
+                           extra={**fields, "reason": outcome.reason, "rule": outcome.rule or "-"})
         if settings.access_log:
             # The error's reason id when the request failed (upstream_timeout...), else the
             # decision's.

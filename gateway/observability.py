@@ -224,10 +224,15 @@ def short_hash(secret: str | bytes) -> str:
 # What was decided about one request
 # ---------------------------------------------------------------------------------------------
 
-# The decisions the audit log records (the others are no access decision).
-AUDITED: Final = frozenset(
-    {"allowed", "denied", "login_redirect", "unauthenticated_401", "public"}
-)
+# The decisions the audit log records (the others are no access decision), and the message
+# of their line: "access denied" is what an operator greps for.
+AUDITED: Final = {
+    "allowed": "access allowed",
+    "denied": "access denied",
+    "login_redirect": "sign-in needed: sent to the provider",
+    "unauthenticated_401": "sign-in needed: answered 401",
+    "public": "public access",
+}
 
 
 @dataclass(slots=True)

@@ -197,7 +197,8 @@ async def test_access_and_audit_lines_name_the_decision_and_never_a_secret(
     assert denied["route"] == "admin"
     assert denied["status"] == 403
     assert denied["reason"] == 'denied: no allow rule of route "admin" matches user "bob"'
-    assert denied["rule"] is None
+    assert denied["rule"] == "-"
+    assert denied["msg"] == "access denied"
     assert isinstance(denied["duration_ms"], float | int)
     allowed = audit[allowed_id]
     assert (allowed["decision"], allowed["user"], allowed["route"], allowed["status"]) == (
@@ -259,7 +260,7 @@ async def test_text_format_writes_the_same_fields_as_key_values(world: World) ->
                   "decision=public", "user=-", "client_ip=127.0.0.1", "duration_ms="):
         assert field in line, line
     audit = next(line for line in lines
-                 if " gateway.audit: decision " in line and f"request_id={rid}" in line)
+                 if " gateway.audit: public access " in line and f"request_id={rid}" in line)
     assert 'reason="public route"' in audit
 
 
