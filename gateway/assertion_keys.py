@@ -114,6 +114,13 @@ def _config_problem(path: str, message: str) -> ConfigError:
     return ConfigError([ConfigProblem(path, message)])
 
 
+def check_key_file(config: Config) -> None:
+    """For ``oidc-gateway check``: raise :class:`ConfigError` when a route signs assertions
+    with ``assertion.key_file`` and that file cannot be read or holds no usable key."""
+    if config.assertion.key_file is not None and any(r.assertion for r in config.routes):
+        _read_key_file(Path(config.assertion.key_file))
+
+
 def _read_key_file(path: Path) -> AssertionKey:
     try:
         text = path.read_text(encoding="utf-8")

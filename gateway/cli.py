@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_problems(path: Path, exc: ConfigError) -> None:
+    print(f"{path}: {len(exc.problems)} problem(s):", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
 def _read_config(path: Path) -> Config | None:
     """Load and validate, printing every problem to stderr; None when invalid."""
     try:
@@ -81,12 +87,16 @@ def _read_config(path: Path) -> Config | None:
         print(f"{path}: cannot read the config file: {exc.strerror}", file=sys.stderr)
         return None
     try:
-        return load_config(text, os.environ)
+        config = load_config(text, os.environ)
+        # Files the config names are part of it: a key file that cannot be read is a
+        # config error at check time, not a traceback at start.
+        from gateway.assertion_keys import check_key_file
+
+        check_key_file(config)
     except ConfigError as exc:
-        print(f"{path}: {len(exc.problems)} problem(s):", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _print_problems(path, exc)
         return None
+    return config
 
 
 def _explain(args: argparse.Namespace, config: Config) -> int:
@@ -200,11 +210,16 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         return [sys.executable, "-m", "gateway", "run", "-c", str(path.resolve()),
                 "--worker", str(index)]
 
-    return run(
-        config,
-        source=ConfigFile(path),
-        worker=worker,
-        worker_command=worker_command,
-        # Set by the supervisor: where the workers' metric samples meet.
-        metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") if worker is not None else None,
-    )
+    try:
+        return run(
+            config,
+            source=ConfigFile(path),
+            worker=worker,
+            worker_command=worker_command,
+            # Set by the supervisor: where the workers' metric samples meet.
+            metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") if worker is not None else None,
+        )
+    except ConfigError as exc:
+        # Found while building the app (a file the config names went away since the check).
+        _print_problems(path, exc)
+        return EXIT_CONFIG

@@ -116,3 +116,24 @@ def test_run_with_a_bad_config_exits_2_without_serving(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "routes[1].match.path" in done.stderr
+
+
+def test_an_unreadable_assertion_key_file_is_a_config_error_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    text = GOOD.replace(
+        "    upstream: http://127.0.0.1:8080\n",
+        "    upstream: http://127.0.0.1:8080\n    assertion: true\n",
+    ) + f"assertion:\n  key_file: {tmp_path / 'missing.pem'}\n"
+    path = tmp_path / "assert.yaml"
+    path.write_text(text)
+    for command in ("check", "run"):
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", command, "-c", str(path)],
+            capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+            env={"PATH": "/usr/bin:/bin", "OIDC_CLIENT_SECRET": "x"},
+        )
+        assert done.returncode == 2, (command, done.stderr)
+        assert "assertion.key_file" in done.stderr
+        assert "cannot be read" in done.stderr
+        assert "Traceback" not in done.stderr
