@@ -56,6 +56,17 @@ class UpstreamProxy:
     def __init__(self, session: aiohttp.ClientSession, *, connect_timeout: float = 5.0):
         self._session = session
         self._connect_timeout = connect_timeout
+        # One ClientTimeout per distinct route timeout (a handful), not one per request.
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+
+    def _timeout(self, read_timeout: float) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(read_timeout)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=self._connect_timeout, sock_read=read_timeout
+            )
+            self._timeouts[read_timeout] = timeout
+        return timeout
 
     @staticmethod
     def new_client_session(*, limit: int = 0) -> aiohttp.ClientSession:
@@ -91,9 +102,7 @@ class UpstreamProxy:
                 data=body,
                 allow_redirects=False,
                 compress=None,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self._connect_timeout, sock_read=read_timeout
-                ),
+                timeout=self._timeout(read_timeout),
             )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(

@@ -84,6 +84,7 @@ _FINGERPRINT_BYTES: Final = 4
 _HEADER_BYTES: Final = 1 + _FINGERPRINT_BYTES
 _BLOB_MIN: Final = _HEADER_BYTES + NONCE_BYTES + 16  # + the GCM tag of an empty plaintext
 _HKDF_INFO: Final = b"oidc-gateway session seal v1"
+_SHA256: Final = hashes.SHA256()  # an immutable algorithm name, shared rather than made per seal
 _FINGERPRINT_LABEL: Final = b"oidc-gateway key fingerprint v1\x00"
 
 _ID_CHARS: Final = 22  # unpadded base64 length of SESSION_ID_BYTES
@@ -216,7 +217,7 @@ def key_fingerprint(key: bytes) -> bytes:
 
 def _derive(key: bytes, secret: bytes) -> AESGCM:
     """The per-session AES-256 key: needs both the server key and the cookie's secret."""
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=secret, info=_HKDF_INFO)
+    hkdf = HKDF(algorithm=_SHA256, length=32, salt=secret, info=_HKDF_INFO)
     return AESGCM(hkdf.derive(key))
 
 
@@ -295,11 +296,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-finite number {name}")
 
 
+# Built once: json.loads with any keyword argument builds a new decoder on every call, and a
+# session is parsed on every signed-in request.
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _loads_object(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(data, bytes | bytearray):
         raise SessionInvalid(f"{what}: expected bytes")
     try:
-        obj = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
+        obj = _DECODER.decode(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise SessionInvalid(f"{what}: not valid JSON") from None
     if not isinstance(obj, dict):
