@@ -20,7 +20,7 @@ import heapq
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol, cast, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
@@ -697,111 +697,67 @@ class RedisStore:
             log.debug("sentinel master check failed", extra={"store": self._name,
                                                               "error": type(exc).__name__})
 
-    async def get(self, key: str) -> bytes | None:
+    async def _call(self, op: str, command: Awaitable[Any]) -> Any:
+        """Run one Redis command within the store's overall deadline; any failure becomes a
+        SessionStoreError (503) naming the operation. Every public operation goes through here."""
         self._watch_master()
         try:
             async with asyncio.timeout(self._deadline):
-                value = await self._client.get(self._key(key))
+                return await command
         except self._FAILURES as exc:
-            raise self._error("GET", exc) from exc
+            raise self._error(op, exc) from exc
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self._call("GET", self._client.get(self._key(key)))
         return self._bytes_or_none("GET", value)
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
-        _check_ttl(ttl)
         # Milliseconds, rounded up so a short TTL never becomes 0 (which Redis rejects).
-        px = max(1, math.ceil(ttl * 1000))
-        self._watch_master()
-        try:
-            async with asyncio.timeout(self._deadline):
-                await self._client.set(self._key(key), value, px=px)
-        except self._FAILURES as exc:
-            raise self._error("SET", exc) from exc
+        px = _px(ttl)
+        await self._call("SET", self._client.set(self._key(key), value, px=px))
 
     async def delete(self, key: str) -> None:
-        self._watch_master()
-        try:
-            async with asyncio.timeout(self._deadline):
-                await self._client.delete(self._key(key))
-        except self._FAILURES as exc:
-            raise self._error("DEL", exc) from exc
+        await self._call("DEL", self._client.delete(self._key(key)))
 
     async def pop(self, key: str) -> bytes | None:
-        self._watch_master()
-        try:
-            async with asyncio.timeout(self._deadline):
-                value = await self._client.getdel(self._key(key))
-        except self._FAILURES as exc:
-            raise self._error("GETDEL", exc) from exc
+        value = await self._call("GETDEL", self._client.getdel(self._key(key)))
         return self._bytes_or_none("GETDEL", value)
 
     async def set_new(self, key: str, value: bytes, ttl: float) -> bool:
-        _check_ttl(ttl)
-        px = max(1, math.ceil(ttl * 1000))
-        self._watch_master()
-        try:
-            async with asyncio.timeout(self._deadline):
-                done = await self._client.set(self._key(key), value, px=px, nx=True)
-        except self._FAILURES as exc:
-            raise self._error("SET NX", exc) from exc
+        px = _px(ttl)
+        done = await self._call("SET NX", self._client.set(self._key(key), value, px=px, nx=True))
         return bool(done)
 
     async def delete_if(self, key: str, value: bytes) -> bool:
         # One key per script call, so a Cluster routes it to that key's slot.
-        self._watch_master()
-        try:
-            async with asyncio.timeout(self._deadline):
-                done = await self._client.eval(
-                    _DELETE_IF_LUA, 1, self._key(key), value)
-        except self._FAILURES as exc:
-            raise self._error("compare-and-delete", exc) from exc
+        done = await self._call("compare-and-delete",
+                                self._client.eval(_DELETE_IF_LUA, 1, self._key(key), value))
         return bool(done)
 
     async def index_put(self, key: str, member: str, value: bytes, ttl: float) -> None:
-        _check_ttl(ttl)
-        px = max(1, math.ceil(ttl * 1000))
-        self._watch_master()
-        try:
-            async with asyncio.timeout(self._deadline):
-                # HSET and the TTL in one script (one key, one slot): an index never exists
-                # without a TTL, and a later, shorter TTL never cuts an older one short.
-                await self._client.eval(
-                    _INDEX_PUT_LUA, 1, self._key(key), member, value, px)
-        except self._FAILURES as exc:
-            raise self._error("index HSET", exc) from exc
+        px = _px(ttl)
+        # HSET and the TTL in one script (one key, one slot): an index never exists without a
+        # TTL, and a later, shorter TTL never cuts an older one short.
+        await self._call("index HSET",
+                         self._client.eval(_INDEX_PUT_LUA, 1, self._key(key), member, value, px))
 
     async def index_get(self, key: str) -> dict[str, bytes]:
-        self._watch_master()
-        try:
-            async with asyncio.timeout(self._deadline):
-                raw = await self._client.hgetall(self._key(key))
-        except self._FAILURES as exc:
-            raise self._error("index HGETALL", exc) from exc
+        raw = await self._call("index HGETALL", self._client.hgetall(self._key(key)))
         return {(k.decode() if isinstance(k, bytes) else str(k)):
                 (v if isinstance(v, bytes) else str(v).encode())
                 for k, v in dict(raw).items()}
 
     async def index_remove(self, key: str, *members: str) -> None:
-        if not members:
-            return
-        self._watch_master()
-        try:
-            async with asyncio.timeout(self._deadline):
-                await self._client.hdel(self._key(key), *members)
-        except self._FAILURES as exc:
-            raise self._error("index HDEL", exc) from exc
+        if members:
+            await self._call("index HDEL", self._client.hdel(self._key(key), *members))
 
     async def ping(self) -> None:
-        self._watch_master()
-        try:
-            async with asyncio.timeout(self._deadline):
-                if isinstance(self._client, RedisCluster):
-                    # Every master, not one random node: ready means every slot is served (with
-                    # a master down and no replica, Redis Cluster refuses all keys anyway).
-                    await self._client.ping(target_nodes=RedisCluster.PRIMARIES)
-                else:
-                    await self._client.ping()
-        except self._FAILURES as exc:
-            raise self._error("PING", exc) from exc
+        if isinstance(self._client, RedisCluster):
+            # Every master, not one random node: ready means every slot is served (with a
+            # master down and no replica, Redis Cluster refuses all keys anyway).
+            await self._call("PING", self._client.ping(target_nodes=RedisCluster.PRIMARIES))
+        else:
+            await self._call("PING", self._client.ping())
 
     async def close(self) -> None:
         if self._master_check is not None:
@@ -834,6 +790,12 @@ local left = redis.call('PTTL', KEYS[1])
 if left < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return 1
 """
+
+
+def _px(ttl: float) -> int:
+    """A checked TTL in milliseconds, rounded up so a short TTL never becomes 0."""
+    _check_ttl(ttl)
+    return max(1, math.ceil(ttl * 1000))
 
 
 def _credentials(username: str | None, password: str | None) -> dict[str, Any]:
