@@ -97,17 +97,10 @@ class MemorySlots:
 
 class RedisSlots(RedisStore):
     """The session store's Redis (same server, Sentinel or Cluster settings, timeouts and key
-    prefix) with SET NX: the one command the session store itself has no use for."""
+    prefix), used for its SET NX so that every replica signs with the same key."""
 
     async def add(self, key: str, value: bytes, ttl: float) -> bool:
-        px = max(1, math.ceil(ttl * 1000))
-        self._watch_master()
-        try:
-            async with asyncio.timeout(self._deadline):
-                stored = await self._client.set(self._key(key), value, px=px, nx=True)
-        except self._FAILURES as exc:
-            raise self._error("SET NX", exc) from exc
-        return bool(stored)
+        return await self.set_new(key, value, ttl)
 
 
 def _config_problem(path: str, message: str) -> ConfigError:
