@@ -544,7 +544,11 @@ async def _failover_under_traffic(
         lost = [(k, t) for k, t in zip(traffic.written, traffic.write_ok_at, strict=True)
                 if await raw.get(prefix + k) != traffic.written[k]]
     lag = 0.5  # generous: replication on loopback takes milliseconds, but CI machines stall
-    assert all(triggered - lag < t < landed for _, t in lost), (lost, triggered, landed)
+    # "landed" is when one probe connection reached the new master; another pooled connection
+    # may still point at the old one until the store's next master check, at most
+    # MASTER_RECHECK later (seen once in CI: writes lost 0.2 s after "landed").
+    settle = landed + RedisStore.MASTER_RECHECK + lag
+    assert all(triggered - lag < t < settle for _, t in lost), (lost, triggered, landed)
     assert sum(t > landed for t in traffic.write_ok_at) > 5
     assert not traffic.wrong_reads
     # While it lasted, the store failed closed (SessionStoreError) and never leaked a password.
