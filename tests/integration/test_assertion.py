@@ -32,53 +32,31 @@ from gateway.assertion_keys import AssertionKeys
 from gateway.config import Config, parse_config
 from gateway.errors import SessionStoreError
 from tests.support.gateway_proc import (
-    GatewayProcess,
     free_port,
-    gateway_config,
     new_session_key,
     spawn_gateway,
-    start_gateway,
 )
 from tests.support.login import browser_login
-from tests.support.upstream import Upstream, running_upstream
+from tests.support.world import GatewayWorld, open_world
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
 ASSERTION = "x-gateway-assertion"
 
 
-@dataclass
-class World:
-    upstream: Upstream
-    provider: Any
-    tmp: Path
-    gateways: list[GatewayProcess]
-
+class World(GatewayWorld):
     def client(self, *ports: int) -> tuple[str, str]:
-        return self.provider.register_client(  # type: ignore[no-any-return]
-            redirect_uris=[f"http://127.0.0.1:{p}/oauth2/callback" for p in ports])
+        return self.register(*ports)
 
     def config(self, port: int, *, client: tuple[str, str] | None = None,
                **kwargs: Any) -> dict[str, Any]:
-        client_id, secret = client or self.client(port)
-        return gateway_config(port=port, issuer=self.provider.issuer, client_id=client_id,
-                              client_secret=secret, upstream=self.upstream.url, **kwargs)
-
-    async def start(self, config: dict[str, Any], **kwargs: Any) -> GatewayProcess:
-        gw = await start_gateway(config, directory=self.tmp, **kwargs)
-        self.gateways.append(gw)
-        return gw
+        return self.base_config(port, client=client, **kwargs)
 
 
 @pytest.fixture
 async def world(oidc_provider: Any, tmp_path: Path) -> AsyncIterator[World]:
-    async with running_upstream() as upstream:
-        state = World(upstream, oidc_provider, tmp_path, [])
-        try:
-            yield state
-        finally:
-            for gw in state.gateways:
-                gw.stop()
+    async with open_world(World, oidc_provider, tmp_path) as w:
+        yield w
 
 
 def other_origin(url: str) -> str:

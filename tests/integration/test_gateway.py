@@ -13,7 +13,6 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -22,60 +21,29 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from tests.support.gateway_proc import GatewayProcess, free_port, gateway_config, start_gateway
+from tests.support.gateway_proc import free_port, gateway_config
 from tests.support.login import browser_login
-from tests.support.upstream import Upstream, running_upstream
+from tests.support.world import GatewayWorld, open_world
 
 pytestmark = [pytest.mark.provider]
 
 HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
 
 
-@dataclass
-class Env:
+class Env(GatewayWorld):
     """One test's world: an upstream, a registered client and a way to start gateways."""
 
-    upstream: Upstream
-    provider: Any
-    tmp: Path
-    gateways: list[GatewayProcess]
-
     def client_for(self, port: int, auth_method: str = "client_secret_basic") -> tuple[str, str]:
-        origin = f"http://127.0.0.1:{port}"
-        return self.provider.register_client(  # type: ignore[no-any-return]
-            redirect_uris=[f"{origin}/oauth2/callback"],
-            post_logout_redirect_uris=[f"{origin}/"],
-            auth_method=auth_method,
-        )
+        return self.register(port, auth_method=auth_method)
 
     def config(self, port: int, **kwargs: Any) -> dict[str, Any]:
-        auth = kwargs.pop("token_endpoint_auth", "client_secret_basic")
-        client_id, secret = kwargs.pop("client", None) or self.client_for(port, auth)
-        return gateway_config(
-            port=port,
-            issuer=self.provider.issuer,
-            client_id=client_id,
-            client_secret=secret,
-            upstream=self.upstream.url,
-            token_endpoint_auth=auth,
-            **kwargs,
-        )
-
-    async def start(self, config: dict[str, Any], **kwargs: Any) -> GatewayProcess:
-        gw = await start_gateway(config, directory=self.tmp, **kwargs)
-        self.gateways.append(gw)
-        return gw
+        return self.base_config(port, **kwargs)
 
 
 @pytest.fixture
 async def env(oidc_provider: Any, tmp_path: Path) -> AsyncIterator[Env]:
-    async with running_upstream() as upstream:
-        world = Env(upstream, oidc_provider, tmp_path, [])
-        try:
-            yield world
-        finally:
-            for gw in world.gateways:
-                gw.stop()
+    async with open_world(Env, oidc_provider, tmp_path) as world:
+        yield world
 
 
 def new_browser() -> aiohttp.ClientSession:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,9 @@ from tests.support.gateway_proc import (
     START_DEADLINE,
     GatewayProcess,
     free_port,
-    gateway_config,
-    start_gateway,
 )
 from tests.support.login import browser_login
-from tests.support.upstream import Upstream, running_upstream
+from tests.support.world import GatewayWorld, open_world
 
 pytestmark = [pytest.mark.provider]
 
@@ -45,21 +42,11 @@ async def bob_login(session: aiohttp.ClientSession, url: str) -> int:
     return (await browser_login(session, url, username="bob", password="builder")).status
 
 
-@dataclass
-class World:
-    upstream: Upstream
-    provider: Any
-    tmp: Path
-    gateways: list[GatewayProcess]
-
+class World(GatewayWorld):
     def config(self, port: int, **server: Any) -> dict[str, Any]:
-        origin = f"http://127.0.0.1:{port}"
-        client_id, secret = self.provider.register_client(
-            redirect_uris=[f"{origin}/oauth2/callback"], post_logout_redirect_uris=[f"{origin}/"])
         up = self.upstream.url
-        config = gateway_config(
-            port=port, issuer=self.provider.issuer, client_id=client_id, client_secret=secret,
-            upstream=up,
+        config = self.base_config(
+            port,
             routes=[
                 {"name": "slow", "match": {"path": "/slow"}, "upstream": up, "auth": "public"},
                 {"name": "public", "match": {"path": "/public/"}, "upstream": up,
@@ -72,21 +59,11 @@ class World:
         config["server"].update({"watch_interval": "0.5s", **server})
         return config
 
-    async def start(self, config: dict[str, Any], **kwargs: Any) -> GatewayProcess:
-        gw = await start_gateway(config, directory=self.tmp, **kwargs)
-        self.gateways.append(gw)
-        return gw
-
 
 @pytest.fixture
 async def world(oidc_provider: Any, tmp_path: Path) -> AsyncIterator[World]:
-    async with running_upstream() as upstream:
-        w = World(upstream, oidc_provider, tmp_path, [])
-        try:
-            yield w
-        finally:
-            for gw in w.gateways:
-                gw.stop()
+    async with open_world(World, oidc_provider, tmp_path) as w:
+        yield w
 
 
 def metric(text: str, name: str, **labels: str) -> float:

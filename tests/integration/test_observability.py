@@ -11,7 +11,6 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.gateway_proc import GatewayProcess, free_port, gateway_config, start_gateway
+from tests.support.gateway_proc import GatewayProcess, free_port
 from tests.support.login import browser_login
-from tests.support.upstream import Upstream, running_upstream
+from tests.support.world import GatewayWorld, open_world
 
 pytestmark = [pytest.mark.provider]
 
@@ -34,44 +33,24 @@ async def bob_login(session: aiohttp.ClientSession, url: str) -> int:
     return (await browser_login(session, url, username="bob", password="builder")).status
 
 
-@dataclass
-class World:
-    upstream: Upstream
-    provider: Any
-    tmp: Path
-    gateways: list[GatewayProcess]
-
-    async def start(self, *, port: int | None = None, **changes: Any) -> GatewayProcess:
+class World(GatewayWorld):
+    async def start_with(self, *, port: int | None = None, **changes: Any) -> GatewayProcess:
         """A gateway with a client of its own at the test provider; ``changes`` are merged
         into the config's top-level sections (``server={...}``, ``logging={...}``)."""
         port = port or free_port()
-        origin = f"http://127.0.0.1:{port}"
-        client_id, secret = self.provider.register_client(
-            redirect_uris=[f"{origin}/oauth2/callback"],
-            post_logout_redirect_uris=[f"{origin}/"],
-        )
-        config = gateway_config(port=port, issuer=self.provider.issuer, client_id=client_id,
-                                client_secret=secret, upstream=self.upstream.url,
-                                **changes.pop("store_args", {}))
+        config = self.base_config(port, **changes.pop("store_args", {}))
         for section, values in changes.items():
             if isinstance(config.get(section), dict):
                 config[section].update(values)
             else:
                 config[section] = values
-        gw = await start_gateway(config, directory=self.tmp)
-        self.gateways.append(gw)
-        return gw
+        return await self.start(config)
 
 
 @pytest.fixture
 async def world(oidc_provider: Any, tmp_path: Path) -> AsyncIterator[World]:
-    async with running_upstream() as upstream:
-        w = World(upstream, oidc_provider, tmp_path, [])
-        try:
-            yield w
-        finally:
-            for gw in w.gateways:
-                gw.stop()
+    async with open_world(World, oidc_provider, tmp_path) as w:
+        yield w
 
 
 def browser() -> aiohttp.ClientSession:
@@ -121,7 +100,7 @@ async def logged(gw: GatewayProcess, *needles: str) -> list[str]:
 
 
 async def test_metrics_count_requests_by_route_status_and_decision(world: World) -> None:
-    gw = await world.start()
+    gw = await world.start_with()
     async with browser() as alice, browser() as bob, aiohttp.ClientSession() as anon:
         for _ in range(3):
             async with anon.get(f"{gw.url}/public/a") as r:
@@ -171,7 +150,7 @@ async def test_metrics_count_requests_by_route_status_and_decision(world: World)
 async def test_access_and_audit_lines_name_the_decision_and_never_a_secret(
     world: World,
 ) -> None:
-    gw = await world.start()
+    gw = await world.start_with()
     async with browser() as bob:
         assert await bob_login(bob, f"{gw.url}/app/page?token=not-logged") == 200
         async with bob.get(f"{gw.url}/admin", headers=HTML) as r:
@@ -223,8 +202,8 @@ async def test_access_and_audit_lines_name_the_decision_and_never_a_secret(
 async def test_a_trusted_proxys_request_id_is_kept_and_anyone_elses_replaced(
     world: World,
 ) -> None:
-    trusting = await world.start(server={"trusted_proxies": ["127.0.0.1/32"]})
-    plain = await world.start()
+    trusting = await world.start_with(server={"trusted_proxies": ["127.0.0.1/32"]})
+    plain = await world.start_with()
     async with aiohttp.ClientSession() as http:
 
         async def ids(gw: GatewayProcess, sent: str) -> tuple[str, str]:
@@ -249,7 +228,7 @@ async def test_a_trusted_proxys_request_id_is_kept_and_anyone_elses_replaced(
 
 
 async def test_text_format_writes_the_same_fields_as_key_values(world: World) -> None:
-    gw = await world.start(logging={"format": "text"})
+    gw = await world.start_with(logging={"format": "text"})
     async with aiohttp.ClientSession() as http, http.get(f"{gw.url}/public/x y") as r:
         assert r.status == 200
         rid = r.headers["X-Request-Id"]
@@ -266,7 +245,7 @@ async def test_text_format_writes_the_same_fields_as_key_values(world: World) ->
 
 async def test_metrics_listen_moves_metrics_off_the_main_port(world: World) -> None:
     metrics_port = free_port()
-    gw = await world.start(server={"metrics_listen": f"127.0.0.1:{metrics_port}"})
+    gw = await world.start_with(server={"metrics_listen": f"127.0.0.1:{metrics_port}"})
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{gw.url}/public/x") as r:
             assert r.status == 200
@@ -286,7 +265,7 @@ async def test_session_store_errors_are_counted_and_fail_closed(
     world: World, redis_server_factory: Any
 ) -> None:
     redis = redis_server_factory(persist=False)
-    gw = await world.start(store_args={"store": "redis", "redis_url": redis.url},
+    gw = await world.start_with(store_args={"store": "redis", "redis_url": redis.url},
                            session={"redis_timeout": "0.5s"})
     async with browser() as alice, aiohttp.ClientSession() as http:
         assert (await browser_login(alice, f"{gw.url}/app/x")).status == 200
