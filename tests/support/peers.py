@@ -35,7 +35,7 @@ OP_DIR = Path(__file__).resolve().parent.parent / "op"
 OP_PACKAGE = "oidc-provider"
 
 REDIS_START_DEADLINE = 15.0
-OP_START_DEADLINE = 30.0
+OP_START_DEADLINE = 90.0  # generous: under a full -n 2 run node has taken >30 s to listen
 NPM_CI_DEADLINE = 300.0
 STOP_DEADLINE = 5.0
 POLL_INTERVAL = 0.02  # between probes of a bounded wait, not a guess at readiness
