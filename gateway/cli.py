@@ -101,7 +101,13 @@ def _read_config(path: Path) -> Config | None:
 
 def _explain(args: argparse.Namespace, config: Config) -> int:
     """``explain``: 0 when the request would be forwarded, 1 when not, 2 for bad arguments."""
-    from gateway.explain import claims_from_options, explain, identity_of, render
+    from gateway.explain import (
+        claims_from_options,
+        explain,
+        identity_of,
+        provider_lines,
+        render,
+    )
 
     def bad(message: str) -> int:
         print(f"oidc-gateway explain: {message}", file=sys.stderr)
@@ -141,6 +147,8 @@ def _explain(args: argparse.Namespace, config: Config) -> int:
                          client_ip=args.client_ip, headers=headers)
     except ValueError as exc:
         return bad(str(exc))
+    for line in provider_lines(config):
+        print(line)
     print(render(result))
     return EXIT_OK if result.forwarded else EXIT_DENIED
 
@@ -172,6 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for problem in problems:
                     print(problem, file=sys.stderr)
                 return EXIT_CONFIG
+        from gateway.explain import provider_lines
+
+        # With provider.preset: the settings in effect and where each comes from.
+        for line in provider_lines(config):
+            print(line)
         print("ok")
         return EXIT_OK
 

@@ -26,6 +26,8 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
     SecretStr,
     StringConstraints,
     Tag,
@@ -38,6 +40,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from gateway.errors import ConfigError, ConfigProblem
+from gateway.presets import PRESETS, PresetName, apply_preset
 
 # ---------------------------------------------------------------------------------------------
 # Scalar types
@@ -218,6 +221,18 @@ def parse_claim_path(text: str) -> tuple[str, ...]:
     return tuple(parts)
 
 
+def claim_at(claims: Mapping[str, Any], path: Sequence[str]) -> object | None:
+    """The value at a parsed claim ``path`` in ``claims``, or None when any step is missing or
+    is not an object. The one walk shared by the identity (provider.claims), the policy's
+    claim rules and the identity headers, so that a path means the same thing everywhere."""
+    node: object = claims
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def _check_http_url(value: str, *, allow_path: bool) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -267,6 +282,18 @@ DEFAULT_ALGORITHMS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
 )
 KNOWN_ALGORITHMS = frozenset({*DEFAULT_ALGORITHMS, "HS256", "HS384", "HS512", "EdDSA"})
+
+# Entra multi-tenant issuers hold this placeholder; each token's `tid` fills it in.
+TENANT_PLACEHOLDER = "{tenantid}"
+# A tenant id (Entra `tid`): a GUID; letters, digits and hyphens, nothing a URL could bend.
+_TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
+# Authorization request parameters the gateway sets itself: provider.auth_params must not
+# override them (state, nonce and PKCE are its defences; the rest its registration), nor
+# replace the whole request (JAR's request/request_uri) or the answer's shape (response_mode).
+GATEWAY_AUTH_PARAMS = frozenset({
+    "state", "nonce", "code_challenge", "code_challenge_method", "redirect_uri", "client_id",
+    "response_type", "scope", "response_mode", "request", "request_uri",
+})
 
 # Identity headers set by other gateways that apps often trust (security note 16): stripped
 # from every request besides our own. `*` matches any suffix.
@@ -399,6 +426,40 @@ class ClaimsConfig(_Model):
     user: str = Field("preferred_username", description="falls back to sub when absent")
     email: str = "email"
     groups: str = "groups"
+    email_verified: str = Field(
+        "email_verified",
+        description="claim saying the email is verified (Entra: xms_edov); an unverified "
+        "email never satisfies an email or domain rule",
+    )
+    groups_from: tuple[Literal["id_token", "userinfo", "access_token"], ...] = Field(
+        ("id_token", "userinfo"),
+        description="where groups are read; access_token only after validating it",
+    )
+    groups_cap: int | None = Field(
+        None,
+        ge=1,
+        description="a groups claim with this many entries may be truncated (Okta: 100): "
+        "deny rules on groups then fail closed",
+    )
+    hosted_domain: str | None = Field(
+        None,
+        description="claim naming the user's verified domain (Google: hd); email_domains rules "
+        "need it to equal the domain",
+    )
+    groups_overage: Literal["unavailable", "graph"] = Field(
+        "unavailable",
+        description="Entra group overage (_claim_names/hasgroups instead of groups): graph "
+        "asks provider.graph_url with the access token; unavailable makes every rule on groups "
+        "fail closed",
+    )
+
+    @field_validator("user", "email", "groups", "email_verified", "hosted_domain")
+    @classmethod
+    def _claim_path(cls, v: str | None) -> str | None:
+        # A path that cannot mean anything would silently yield no user, email or groups.
+        if v is not None:
+            parse_claim_path(v)
+        return v
 
 
 class ProviderConfig(_Model):
@@ -424,16 +485,152 @@ class ProviderConfig(_Model):
     redirect_url: str | None = Field(
         None, description="callback URL registered at the provider; default public_url + prefix"
     )
+    graph_url: str = Field(
+        "https://graph.microsoft.com",
+        description="Entra: Microsoft Graph origin asked for group overage; never a URL "
+        "taken from a token",
+    )
+    preset: PresetName = Field(
+        "generic",
+        description="defaults for one provider's quirks (scopes, claims, logout); every key "
+        "written here wins over the preset's",
+    )
+    tenants: tuple[str, ...] = Field(
+        (),
+        description="tenant ids (tid) admitted by an issuer with {tenantid} (Entra "
+        "multi-tenant); required with one, refused without",
+    )
+    discovery_url: str | None = Field(
+        None,
+        description="where to fetch discovery when not at issuer + /.well-known/... (a "
+        "cluster-internal URL); its issuer must still be provider.issuer",
+    )
+    backchannel_url: str | None = Field(
+        None,
+        description="origin for the gateway's own calls (token, JWKS, userinfo, discovery) "
+        "instead of the issuer's public one; the browser still goes to the public URLs",
+    )
+    auth_params: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="extra authorization request parameters (Google: access_type, prompt); "
+        "null drops a preset's; the gateway's own (state, nonce, scope...) are refused",
+    )
+    logout: Literal["provider", "local"] = Field(
+        "provider",
+        description="sign-out also ends the provider session (end_session_endpoint, when "
+        "discovery offers one), or only the gateway's",
+    )
+    # Dotted keys whose value came from the preset, not the file (for explain/check).
+    _from_preset: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _apply_preset(
+        cls, data: Any, handler: ModelWrapValidatorHandler[ProviderConfig]
+    ) -> ProviderConfig:
+        """Fill in the preset's defaults before validation, so a preset value is validated
+        like a written one and every key the operator wrote wins."""
+        name = data.get("preset") if isinstance(data, dict) else None
+        if not isinstance(name, str) or name not in PRESETS:
+            return handler(data)
+        merged, supplied = apply_preset(data, name)
+        model = handler(merged)
+        model._from_preset = supplied
+        return model
+
+    @property
+    def from_preset(self) -> frozenset[str]:
+        """Dotted keys (``claims.user``, ``auth_params.prompt``) the preset supplied."""
+        return self._from_preset
+
+    @property
+    def tenant_template(self) -> bool:
+        """Whether the issuer is a multi-tenant template (``.../{tenantid}/v2.0``)."""
+        return TENANT_PLACEHOLDER in self.issuer
+
+    @property
+    def effective_auth_params(self) -> tuple[tuple[str, str], ...]:
+        """The extra authorization request parameters actually sent."""
+        return tuple((k, v) for k, v in self.auth_params.items() if v is not None)
 
     @field_validator("issuer")
     @classmethod
     def _issuer(cls, v: str) -> str:
-        return _check_http_url(v, allow_path=True)
+        _check_http_url(v, allow_path=True)
+        if "{" in v or "}" in v:
+            parts = urlsplit(v)
+            segments = parts.path.split("/")
+            rest = v.replace(TENANT_PLACEHOLDER, "", 1)
+            if TENANT_PLACEHOLDER not in segments or "{" in rest or "}" in rest:
+                raise ValueError(
+                    "the only placeholder an issuer may hold is {tenantid}, once, as a whole "
+                    "path segment (https://login.microsoftonline.com/{tenantid}/v2.0)"
+                )
+        return v
+
+    @field_validator("discovery_url")
+    @classmethod
+    def _discovery(cls, v: str | None) -> str | None:
+        return None if v is None else _check_http_url(v, allow_path=True)
+
+    @field_validator("backchannel_url")
+    @classmethod
+    def _backchannel(cls, v: str | None) -> str | None:
+        return None if v is None else _check_http_url(v, allow_path=False).rstrip("/")
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenants(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for tenant in v:
+            if not _TENANT_ID.fullmatch(tenant):
+                raise ValueError(
+                    f"{tenant!r} is not a tenant id: use the directory (tenant) id, a GUID "
+                    "such as 72f988bf-86f1-41af-91ab-2d7cd011db47"
+                )
+        return tuple(t.lower() for t in v)
+
+    @field_validator("auth_params")
+    @classmethod
+    def _auth_params(cls, v: dict[str, str | None]) -> dict[str, str | None]:
+        for name in v:
+            if name.lower() in GATEWAY_AUTH_PARAMS:
+                raise ValueError(
+                    f"{name!r} is set by the gateway itself (state, nonce, PKCE, redirect_uri, "
+                    "client_id, response_type, scope...); use provider.scopes for scopes"
+                )
+            if not name or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+                raise ValueError(f"{name!r} is not a parameter name")
+        return v
+
+    @model_validator(mode="after")
+    def _tenant_rules(self) -> ProviderConfig:
+        found: list[tuple[tuple[str | int, ...], str]] = []
+        if self.tenant_template:
+            if not self.tenants:
+                found.append((("tenants",), (
+                    "an issuer with {tenantid} admits any tenant's tokens: list the tenant ids "
+                    "(tid) to admit; the issuer check is never switched off")))
+            if self.discovery_url is None and self.preset != "entra":
+                found.append((("discovery_url",), (
+                    "an issuer with {tenantid} has no discovery document of its own: give "
+                    "the discovery URL (e.g. https://login.microsoftonline.com/organizations/"
+                    "v2.0/.well-known/openid-configuration)")))
+        elif self.tenants:
+            found.append((("tenants",), (
+                "only an issuer with {tenantid} takes a tenant list; this issuer admits one "
+                "tenant already")))
+        _conflicts("ProviderConfig", found)
+        return self
 
     @field_validator("redirect_url")
     @classmethod
     def _redirect(cls, v: str | None) -> str | None:
         return None if v is None else _check_http_url(v, allow_path=True)
+
+    @field_validator("graph_url")
+    @classmethod
+    def _graph(cls, v: str) -> str:
+        return _check_http_url(v, allow_path=False).rstrip("/")
 
     @field_validator("client_secret")
     @classmethod
@@ -606,6 +803,17 @@ class RedisConfig(_Model):
         return self
 
 
+class SessionCacheConfig(_Model):
+    """Each gateway process keeps recently used sessions in memory, so that a signed-in request
+    needs no Redis round trip. Sign-out, back-channel logout and admin revoke still reach every
+    process within a second (Redis pub/sub; without a live subscription the cache is not used)."""
+
+    ttl: Delay = Field(
+        10.0, description="longest a session is served from memory; 0 turns the cache off"
+    )
+    max_entries: int = Field(10_000, ge=1, description="sessions kept in memory per process")
+
+
 class SessionConfig(_Model):
     store: Literal["redis", "memory"] = Field(
         "redis", description="memory keeps sessions in one process only"
@@ -619,6 +827,9 @@ class SessionConfig(_Model):
     )
     memory_max_sessions: int = Field(
         100_000, ge=1, description="store: memory refuses new sessions (503) beyond this many"
+    )
+    cache: SessionCacheConfig = Field(
+        SessionCacheConfig(), description="per-process session cache (default on, 10 s)"
     )
     cookie: CookieConfig = CookieConfig()
     lifetime: Duration = 12 * 3600.0
@@ -1155,6 +1366,81 @@ class AssertionConfig(_Model):
         return self
 
 
+def _token_text(value: str) -> str:
+    if not value or any(c.isspace() for c in value):
+        raise ValueError("must be a non-empty string without spaces")
+    return value
+
+
+# An audience, issuer or claim value: what a token must carry, written exactly.
+TokenText = Annotated[str, AfterValidator(_token_text)]
+
+
+class BearerConfig(_Model):
+    """``routes[].bearer``: API clients may send ``Authorization: Bearer <access token>``.
+
+    The token replaces the session cookie on that request; the route's policy and identity
+    headers apply unchanged. Signature, ``iss``, ``aud``, ``exp`` and ``nbf`` are always
+    checked (RFC 9068); nothing here can switch one of them off.
+    """
+
+    audiences: tuple[TokenText, ...] = Field(
+        min_length=1,
+        description="aud values this API accepts (a token must name at least one); required",
+    )
+    issuers: tuple[TokenText, ...] | None = Field(
+        None, description="iss values accepted; default: provider.issuer"
+    )
+    algorithms: tuple[str, ...] | None = Field(
+        None, description="signing algorithms accepted; default: provider.algorithms; never none "
+        "or HMAC"
+    )
+    required_claims: dict[str, TokenText | tuple[TokenText, ...]] = Field(
+        default_factory=dict,
+        description="claim name → the value (or one of the values) it must have; Cognito: "
+        "{token_use: access}",
+    )
+    introspection: bool = Field(
+        False, description="check tokens that are not JWTs (opaque) at the provider's RFC 7662 "
+        "introspection_endpoint, with the gateway's client credentials"
+    )
+    introspection_cache: Duration = Field(
+        300.0, description="longest an active introspection answer is reused (never past the "
+        "token's exp); 0: ask the provider every time"
+    )
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("must list at least one algorithm, or be left out")
+        for alg in v:
+            if alg.lower() == "none":
+                raise ValueError('"none" is never accepted: an unsigned token proves nothing')
+            if alg.startswith("HS"):
+                raise ValueError(
+                    f"{alg} is refused: an access token MACed with a secret the gateway shares "
+                    "could be minted by the gateway itself (use the provider's public keys)"
+                )
+            if alg not in KNOWN_ALGORITHMS:
+                raise ValueError(f"unknown algorithm {alg!r}; known: {sorted(KNOWN_ALGORITHMS)}")
+        return v
+
+    @field_validator("required_claims")
+    @classmethod
+    def _claims(
+        cls, v: dict[str, str | tuple[str, ...]]
+    ) -> dict[str, str | tuple[str, ...]]:
+        for name, value in v.items():
+            if not name:
+                raise ValueError("a claim name must not be empty")
+            if isinstance(value, tuple) and not value:
+                raise ValueError(f"{name}: list at least one accepted value")
+        return v
+
+
 class RouteConfig(_Model):
     name: str = Field(min_length=1)
     match: MatchConfig = MatchConfig()
@@ -1187,6 +1473,17 @@ class RouteConfig(_Model):
     assertion: bool = Field(
         False, description="add X-Gateway-Assertion, a signed JWT of the identity (assertion:)"
     )
+    bearer: BearerConfig | None = Field(
+        None, description="also accept Authorization: Bearer access tokens (API clients)"
+    )
+
+    @model_validator(mode="after")
+    def _bearer_needs_auth(self) -> RouteConfig:
+        if self.bearer is not None and self.auth == "public":
+            _conflicts("RouteConfig", [(("bearer",), (
+                "a public route never looks at credentials; remove bearer or set auth: "
+                "required (or optional)"))])
+        return self
 
     @field_validator("upstream")
     @classmethod

@@ -27,9 +27,11 @@ from aiohttp import web
 from gateway.assertion import AssertionRequest, plan_with_assertion
 from gateway.assertion import jwks as jwk_set
 from gateway.assertion_keys import AssertionKeys
+from gateway.bearer_auth import BearerAuth, BearerAuthenticator
 from gateway.config import Config, RouteConfig
 from gateway.errors import (
     BadRequest,
+    BearerTokenError,
     Forbidden,
     NotAuthenticated,
     NotFound,
@@ -84,6 +86,7 @@ from gateway.routing import (
     safe_redirect_target,
     without_path_params,
 )
+from gateway.session_cache import SessionCache
 from gateway.sessions import (
     SessionInvalid,
     decode_ticket,
@@ -234,8 +237,11 @@ class Gateway:
         clock: Callable[[], float] = time.time,
         token_bytes: Callable[[int], bytes] = secrets.token_bytes,
         assertion_keys: AssertionKeys | None = None,
+        session_cache: SessionCache | None = None,
     ):
         self.config = config
+        # Recently used sessions of this process (None: off); kept correct by the store.
+        self.session_cache = session_cache
         # The signed identity assertion's keys; None when no route has assertion: true.
         self.assertion_keys = assertion_keys
         # Each route's identity headers (headers:, merged with the route's own), by name.
@@ -292,6 +298,8 @@ class Gateway:
         # Session id → the refresh in flight in this process: concurrent requests of one
         # session await the same one (plus a store lock across processes, _refresh).
         self._refreshing: dict[str, asyncio.Task[Session | None]] = {}
+        # Routes with bearer: (API clients): their tokens' checks and introspection cache.
+        self.bearer = BearerAuthenticator(config, idp, clock=clock)
 
     # ------------------------------------------------------------------ entry point
 
@@ -371,6 +379,7 @@ class Gateway:
             "route": route,
             "decision": decision,
             "user": outcome.user,
+            "auth": outcome.auth,
             "client_ip": facts.forwarded.client_ip if facts else request.remote,
             "duration_ms": round(elapsed * 1000, 2),
         }
@@ -447,20 +456,43 @@ class Gateway:
             await self._index_session(ticket.session_id, session, None, touch=True)
         return ticket, session
 
-    async def _open(self, ticket: Ticket) -> Session | None:
-        """Read and unseal the session of ``ticket``; None when absent or not opening."""
+    async def _open(self, ticket: Ticket, *, fresh: bool = False) -> Session | None:
+        """Read and unseal the session of ``ticket``; None when absent or not opening.
+
+        From this process's session cache when it holds the session (and may be trusted now,
+        gateway/session_cache.py), unless ``fresh``: a re-read that must see what another
+        process wrote a moment ago (the refresh lock)."""
         key = f"s:{ticket.session_id}"
-        blob = await self.store.get(key)
+        cache = self.session_cache
+        entry = None
+        # The cache only after Redis confirmed that nothing invalidated it since this request
+        # arrived (SessionCache.confirmed); without a live subscription, the store.
+        if cache is not None and not fresh and await cache.confirmed():
+            entry = cache.lookup(key)
+            if entry is not None:
+                session = cache.opened(entry, ticket.secret)
+                if session is not None:
+                    return session
+                blob: bytes | None = entry.blob
+            else:
+                token = cache.begin(key)
+                blob = await self.store.get(key)
+                entry = cache.fill(key, token, blob)
+        else:
+            blob = await self.store.get(key)
         if blob is None:
             return None
         try:
-            return load_session(
+            session = load_session(
                 unseal(blob, keys=self.keys, secret=ticket.secret, aad=key.encode())
             )
         except SessionInvalid:
             log.info("session cookie does not open its session",
                      extra={"session": short_hash(ticket.session_id)})
             return None
+        if entry is not None and cache is not None:
+            cache.remember(entry, ticket.secret, session)
+        return session
 
     # ------------------------------------------------------------------ refresh
 
@@ -505,7 +537,8 @@ class Gateway:
                     "Try again in a moment.")
             await asyncio.sleep(0.05)
         try:
-            session = await self._open(ticket)  # re-read: another process may have refreshed
+            # Re-read, past the cache: another process may have refreshed a moment ago.
+            session = await self._open(ticket, fresh=True)
             if session is None:
                 return None
             now = self.clock()
@@ -677,25 +710,51 @@ class Gateway:
         forward-auth both act on. Raises Forbidden (logged with the deciding rule) when the
         policy refuses; ``Access.login_needed`` asks the caller to get a sign-in."""
         # Public routes never look at the session; optional ones use it when there is one.
-        found = await self.authenticate(request) if route.auth != "public" else None
+        # On a route with bearer:, an Authorization: Bearer token stands in for the cookie:
+        # no cookie is read, no session written for that request (gateway.bearer_auth).
+        bearer = await self._bearer(request, facts, route) if route.bearer is not None else None
+        found = (await self.authenticate(request)
+                 if route.auth != "public" and bearer is None else None)
+        identity = bearer.identity if bearer else found[1].identity if found else None
         # One decision for the live gateway and `oidc-gateway explain` (policy.authorize).
         access = authorize(
-            route, found[1].identity if found else None, method=method,
+            route, identity, method=method,
             client_ip=facts.forwarded.client_ip, default_policy=self.config.default_policy,
+            groups_claim=self.config.provider.claims.groups,
         )
         # The audit line (Gateway._account) says who, what was decided and by which rule.
         facts.outcome.record(route.auth, access)
-        facts.outcome.user = found[1].identity.user if found else None
+        facts.outcome.user = identity.user if identity else None
+        facts.outcome.auth = "bearer" if bearer else "session" if found else None
         if not access.login_needed and not access.forward:
-            who = found[1].identity.user if found else "-"
-            raise Forbidden(
-                f"You are signed in as {who}, but this account may not open this page.",
-                reason="policy_denied",
-            )
+            who = identity.user if identity else "-"
+            message = f"You are signed in as {who}, but this account may not open this page."
+            if identity is not None and identity.groups_state in ("unavailable", "invalid"):
+                # The user is not refused for a group they lack: the provider did not say.
+                message += (" Your group membership is unavailable (the sign-in service did "
+                            "not provide it), so rules on groups cannot admit you.")
+            if bearer is not None:  # RFC 6750 3.1: the token is good, its holder may not
+                raise BearerTokenError(message, error="insufficient_scope",
+                                       reason="policy_denied", status_hint=403)
+            raise Forbidden(message, reason="policy_denied")
         token = None
-        if access.identity is not None and found is not None and route.pass_access_token:
-            token = found[1].tokens.access_token
+        if access.identity is not None and route.pass_access_token:
+            token = bearer.token if bearer else found[1].tokens.access_token if found else None
         return access, token
+
+    async def _bearer(
+        self, request: web.BaseRequest, facts: RequestFacts, route: RouteConfig
+    ) -> BearerAuth | None:
+        """Who the request's bearer token proves to be, or None when it sends none. A refused
+        token is noted for the audit line and raised: 401 with its WWW-Authenticate."""
+        try:
+            return await self.bearer.authenticate(
+                request.headers.getall("Authorization", ()), route)
+        except BearerTokenError as exc:
+            facts.outcome.auth = "bearer"
+            if exc.status_hint == 401:
+                facts.outcome.decision, facts.outcome.reason = "login_needed", exc.reason
+            raise
 
     async def _proxy(
         self, request: web.Request, facts: RequestFacts, route: RouteConfig
@@ -706,8 +765,13 @@ class Gateway:
         identity: Identity | None = access.identity
         host_header = facts.host_header if route.pass_host_header else urlsplit(
             route.upstream).netloc
+        client_headers = list(request.headers.items())
+        if facts.outcome.auth == "bearer" and not route.pass_access_token:
+            # The token authenticated the request to the gateway; the app gets it only when
+            # the route passes tokens on.
+            client_headers = [h for h in client_headers if canonical(h[0]) != "authorization"]
         headers = self.header_policy.upstream_request_headers(
-            list(request.headers.items()),
+            client_headers,
             identity=identity,
             access_token=access_token,
             forwarded=facts.forwarded,
@@ -1015,7 +1079,9 @@ class Gateway:
                                         "session": short_hash(ticket.session_id)})
         response: web.StreamResponse
         logout_url = None
-        if session is not None and self.idp.ready:
+        # provider.logout: local ends the gateway's session only (Google, Dex, GitLab and
+        # Cognito offer no RP-initiated logout; some operators want the SSO session kept).
+        if session is not None and self.idp.ready and self.config.provider.logout == "provider":
             absolute = target
             if target.startswith("/"):
                 absolute = self._callback_origin(facts) + target
@@ -1135,7 +1201,11 @@ class Gateway:
             raise RequestError("use GET", reason="method_not_allowed", status_hint=405)
         iss = request.query.getall("iss", [])
         sid = request.query.getall("sid", [])
-        if len(iss) != 1 or iss[0] != self.config.provider.issuer:
+        # provider.issuer, or discovery's spelling of it (one trailing slash apart: Auth0).
+        issuers = {self.config.provider.issuer}
+        if self.idp.ready:
+            issuers.add(self.idp.metadata.issuer)
+        if len(iss) != 1 or iss[0] not in issuers:
             raise BadRequest(
                 "front-channel logout: iss must be given once and be exactly provider.issuer; "
                 "register the URL at the provider with frontchannel_logout_session_required",
@@ -1348,10 +1418,12 @@ class Gateway:
         log.log(level, "request failed", extra={
             "request_id": request_id, "reason": exc.reason, "status": status,
             "detail": exc.message})
+        extra = ({"WWW-Authenticate": exc.challenge} if isinstance(exc, BearerTokenError)
+                 else {})
         if not _wants_html(request):
             return web.json_response(
                 {"error": exc.reason, "message": exc.message, "request_id": request_id},
-                status=status, headers={"Cache-Control": _NO_STORE},
+                status=status, headers={"Cache-Control": _NO_STORE, **extra},
             )
         heading, advice, link = self._explain(exc, facts)
         message = exc.message
@@ -1362,7 +1434,8 @@ class Gateway:
                        "The application behind this address could not be reached.")
         return self._page(status, heading, message, advice=advice, link=link,
                           request_id=request_id,
-                          kind="sign_in" if isinstance(exc, NotAuthenticated) else None)
+                          kind="sign_in" if isinstance(exc, NotAuthenticated) else None,
+                          headers=extra)
 
     def _explain(
         self, exc: RequestError, facts: RequestFacts | None

@@ -79,6 +79,38 @@ class Forbidden(RequestError):
     reason = "forbidden"
 
 
+class BearerTokenError(RequestError):
+    """An ``Authorization: Bearer`` credential was refused (RFC 6750 §3.1).
+
+    ``error`` is the RFC 6750 error code (``invalid_token``, ``invalid_request`` or
+    ``insufficient_scope``); the answer carries :attr:`challenge` in ``WWW-Authenticate`` so
+    an API client learns why without a redirect or a cookie. The message names the failed
+    check only, never the token.
+    """
+
+    status_hint = 401
+    reason = "bearer_token_invalid"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        error: str = "invalid_token",
+        reason: str | None = None,
+        status_hint: int | None = None,
+    ):
+        super().__init__(message, reason=reason, status_hint=status_hint)
+        self.error = error
+
+    @property
+    def challenge(self) -> str:
+        # RFC 6750 §3: error_description is %x20-21 / %x23-5B / %x5D-7E (no " or \).
+        text = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in self.message)
+        return (
+            f'Bearer realm="oidc-gateway", error="{self.error}", error_description="{text[:200]}"'
+        )
+
+
 class BadRedirect(RequestError):
     status_hint = 400
     reason = "bad_redirect"

@@ -31,7 +31,7 @@ from gateway.assertion import (
     new_key,
     plan_with_assertion,
 )
-from gateway.config import ClaimsConfig, Config, RouteConfig
+from gateway.config import BearerConfig, ClaimsConfig, Config, RouteConfig, parse_claim_path
 from gateway.errors import BadRequest, OIDCError
 from gateway.headers import (
     HeaderPolicy,
@@ -39,12 +39,15 @@ from gateway.headers import (
     configured_identity_headers,
     forwarded_facts,
 )
+from gateway.issuers import discovery_location
 from gateway.models import Identity
 from gateway.oidc import identity_from_claims
 from gateway.policy import Access, authorize, login_style
 from gateway.routing import RouteTable, authority_host, encode_path, normalize_path
 
-__all__ = ["Explanation", "claims_from_options", "explain", "identity_of", "render"]
+__all__ = [
+    "Explanation", "claims_from_options", "explain", "identity_of", "provider_lines", "render",
+]
 
 # Shown instead of the session's access token when a route passes it upstream.
 ACCESS_TOKEN_PLACEHOLDER: Final = "<the session's access token>"  # noqa: S105 - a label
@@ -87,19 +90,36 @@ def claims_from_options(
 ) -> dict[str, Any]:
     """ID token claims for ``--user U --email E --groups a,b``, under the claim names the
     config reads (``provider.claims``), so the identity is built as at a real login."""
-    out: dict[str, Any] = {"sub": user, claims.user: user}
+    out: dict[str, Any] = {"sub": user}
+    _put(out, claims.user, user)
     if email is not None:
-        out[claims.email] = email
+        _put(out, claims.email, email)
     if groups:
-        out[claims.groups] = list(groups)
+        _put(out, claims.groups, list(groups))
     return out
+
+
+def _put(claims: dict[str, Any], path_text: str, value: object) -> None:
+    """Set the claim at a claim path (``resource_access["app"].roles``), nesting objects."""
+    *parents, last = parse_claim_path(path_text)
+    node = claims
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[last] = value
 
 
 def identity_of(config: Config, claims: Mapping[str, Any]) -> Identity:
     """The identity a login with these ID token claims gives. Raises ``ValueError`` with the
     provider check's message when a real login would be refused (no ``sub``)."""
     try:
-        return identity_from_claims(claims, userinfo=None, claims=config.provider.claims)
+        # The claims given stand for every token of the login, the access token included
+        # (provider.claims.groups_from: access_token), as if it had validated.
+        return identity_from_claims(
+            claims, userinfo=None, claims=config.provider.claims, access_claims=claims
+        )
     except OIDCError as exc:
         raise ValueError(exc.message) from None
 
@@ -157,6 +177,7 @@ def explain(
         method=method,
         client_ip=forwarded.client_ip or None,
         default_policy=config.default_policy,
+        groups_claim=config.provider.claims.groups,
     )
     base = _replace(base, route=route, route_index=index, access=access)
     if not access.forward:
@@ -240,6 +261,8 @@ def render(e: Explanation) -> str:
         f"path {match.path}, methods {methods}) -> {route.upstream}"
     )
     lines.append(f"login:    {_login(route)}")
+    if route.bearer is not None:
+        lines.append(f"bearer:   {_bearer(route.bearer)}")
     lines.append(f"identity: {_identity(e.identity)}")
     lines += _decision(route, access)
     if e.upstream is not None:
@@ -250,6 +273,20 @@ def render(e: Explanation) -> str:
             lines.append(f"cut:      to fit headers.max_bytes: {'; '.join(e.trimmed)}")
     lines.append(_result(e))
     return "\n".join(lines)
+
+
+def _bearer(bearer: BearerConfig) -> str:
+    """What ``routes[].bearer`` accepts instead of a session (gateway.bearer checks it)."""
+    issuers = ", ".join(bearer.issuers) if bearer.issuers else "provider.issuer"
+    extra = "".join(
+        f"; {name} {' or '.join((v,) if isinstance(v, str) else v)}"
+        for name, v in bearer.required_claims.items()
+    )
+    opaque = "introspected" if bearer.introspection else "refused"
+    return (
+        f"Authorization: Bearer accepted instead of a session: aud "
+        f"{' or '.join(bearer.audiences)}; iss {issuers}{extra}; opaque tokens {opaque}"
+    )
 
 
 def _login(route: RouteConfig) -> str:
@@ -275,6 +312,12 @@ def _identity(identity: Identity | None) -> str:
         f"{identity.email} ({verified[identity.email_verified]})" if identity.email else "none"
     )
     groups = ", ".join(identity.groups) or "none"
+    if identity.groups_state == "truncated":
+        groups += " [possibly truncated: deny rules on groups refuse]"
+    elif identity.groups_state != "ok":
+        groups += f" [{identity.groups_state}: every rule on groups fails closed]"
+    if identity.domain_verified is False:
+        email += " (not the provider's hosted domain)"
     return f"{identity.user} (sub {identity.sub}; email {email}; groups {groups})"
 
 
@@ -310,3 +353,72 @@ def _result(e: Explanation) -> str:
     if e.forwarded:
         return "result:   forwarded to the upstream (exit 0)"
     return "result:   not forwarded (exit 1)"
+
+
+# ---------------------------------------------------------------------------------------------
+# The provider settings in effect (provider.preset)
+# ---------------------------------------------------------------------------------------------
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple | list):
+        return " ".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+def provider_lines(config: Config) -> list[str]:
+    """The provider settings in effect, each with where it comes from: ``(preset)`` for the
+    preset's default, ``(config)`` when written in the file, ``(default)`` otherwise.
+
+    Empty under ``preset: generic`` (the default): nothing comes from a preset then, and
+    ``check`` prints a bare ``ok`` as it always did.
+    """
+    provider = config.provider
+    if provider.preset == "generic":
+        return []
+    preset = provider.from_preset
+    claims = provider.claims
+
+    def source(key: str) -> str:
+        if key in preset:
+            return "preset"
+        head, _, tail = key.partition(".")
+        written = claims.model_fields_set if tail else provider.model_fields_set
+        return "config" if (tail or head) in written else "default"
+
+    lines = [
+        f"provider: preset {provider.preset}; each value from the (preset), the (config) file "
+        "or the gateway's (default)"
+    ]
+
+    def add(key: str, value: object, origin: str | None = None) -> None:
+        lines.append(f"  {key}: {_shown(value)} ({origin or source(key)})")
+
+    add("issuer", provider.issuer)
+    add("discovery", discovery_location(provider),
+        "config" if provider.discovery_url is not None else "derived")
+    if provider.backchannel_url is not None:
+        add("backchannel_url", provider.backchannel_url)
+    if provider.tenants:
+        add("tenants", provider.tenants)
+    issuer_rule = "exact"
+    if provider.tenant_template:
+        issuer_rule = "{tenantid} filled from the token's tid, tid in tenants"
+    elif provider.preset == "google":
+        issuer_rule = "exact, or without https:// (Google)"
+    lines.append(f"  iss accepted: {issuer_rule} (discovery's issuer may add or drop one "
+                 "trailing slash; tokens then carry its spelling)")
+    add("scopes", provider.scopes)
+    params = [
+        f"{name}={value} "
+        f"({'preset' if {'auth_params', f'auth_params.{name}'} & preset else 'config'})"
+        for name, value in provider.effective_auth_params
+    ]
+    lines.append(f"  auth_params: {', '.join(params) or 'none'}")
+    add("logout", provider.logout)
+    for key in ("user", "email", "email_verified", "groups", "groups_from", "groups_cap",
+                "hosted_domain", "groups_overage"):
+        add(f"claims.{key}", getattr(claims, key))
+    return lines

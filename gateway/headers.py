@@ -36,6 +36,7 @@ from gateway.config import (
     PolicyConfig,
     RouteConfig,
     RuleConfig,
+    claim_at,
     parse_claim_path,
 )
 from gateway.errors import BadRequest, Forbidden, HeadersTooLarge
@@ -622,9 +623,10 @@ def identity_rules(
     else:
         required = {canonical(name) for name in headers.required}
         built: list[HeaderSpec] = []
+        groups_path = parse_claim_path(groups_claim)
         for name, claim in headers.send.items():
             path = parse_claim_path(claim)
-            source: HeaderSource = "groups" if path == (groups_claim,) else "claim"
+            source: HeaderSource = "groups" if path == groups_path else "claim"
             built.append(HeaderSpec(name, source, path, canonical(name) in required))
         specs = tuple(built)
         encoding = headers.encoding or "rfc2047"
@@ -652,9 +654,11 @@ def policy_groups(
     else:
         return frozenset()
     found: set[str] = set()
+    groups_path = parse_claim_path(groups_claim)
     if isinstance(allow, AllowConfig):
         found.update(allow.groups)
-        for value in allow.claims.get(groups_claim, ()):
+        # The one-mapping form's claim names are literal top-level names.
+        for value in allow.claims.get(groups_path[0], ()) if len(groups_path) == 1 else ():
             if isinstance(value, str):
                 found.add(value)
         rules: tuple[RuleConfig, ...] = tuple(deny or ())
@@ -663,7 +667,7 @@ def policy_groups(
     for rule in rules:
         found.update(rule.groups)
         for name, values in rule.claims.items():
-            if parse_claim_path(name) == (groups_claim,):
+            if parse_claim_path(name) == groups_path:
                 found.update(v for v in values if isinstance(v, str))
     return frozenset(found)
 
@@ -758,12 +762,7 @@ def _claim_text(value: object) -> str | None:
 
 
 def _claim_at(claims: Mapping[str, Any], path: Sequence[str]) -> object | None:
-    node: object = claims
-    for part in path:
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
+    return claim_at(claims, path)  # the walk policy and the identity use too
 
 
 def _wire_len(text: str) -> int:

@@ -13,15 +13,16 @@ logged: log lines name URLs, statuses and reasons only.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiohttp
 
-from gateway import oidc
+from gateway import graph, issuers, oidc
 from gateway.config import ProviderConfig
 from gateway.errors import OIDCError, ProviderUnavailable, UnknownSigningKey
 from gateway.models import Identity, LoginState, TokenSet
@@ -29,6 +30,7 @@ from gateway.models import Identity, LoginState, TokenSet
 __all__ = ["IdentityProvider"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The provider's answers are small JSON documents; a bigger one is a fault, not data.
 MAX_RESPONSE_BYTES: Final = 1024 * 1024
@@ -80,6 +82,13 @@ class IdentityProvider:
                 "The sign-in service has not been reached yet. Try again in a minute."
             )
         return self._meta
+
+    @property
+    def issuer_rule(self) -> issuers.IssuerRule:
+        """How the ``iss`` of this provider's tokens is judged: discovery's issuer exactly,
+        with only the exceptions the config spells out (``{tenantid}`` + ``provider.tenants``,
+        Google's scheme-less ``iss`` under its preset)."""
+        return issuers.IssuerRule.of(self.metadata.issuer, self.config)
 
     @property
     def algorithms(self) -> tuple[str, ...]:
@@ -156,7 +165,7 @@ class IdentityProvider:
     async def load(self) -> oidc.ProviderMetadata:
         """Fetch discovery and the JWKS; on any problem raise ProviderUnavailable saying what."""
         cfg = self.config
-        url = oidc.discovery_url(cfg.issuer)
+        url = issuers.discovery_location(cfg)
         body = await self._get_document(url, what="discovery document")
         try:
             meta = oidc.parse_discovery(body, expected_issuer=cfg.issuer)
@@ -164,6 +173,14 @@ class IdentityProvider:
             raise ProviderUnavailable(
                 f"The discovery document at {url} is unusable: {exc.message}"
             ) from None
+        # Split horizon: the gateway's own calls go to provider.backchannel_url; the browser's
+        # (authorization, end_session) stay on the public URLs discovery names.
+        moved: dict[str, Any] = issuers.backchannel_endpoints(
+            {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)},
+            issuer=meta.issuer,
+            backchannel_url=cfg.backchannel_url,
+        )
+        meta = dataclasses.replace(meta, **moved)
         algorithms = tuple(
             a for a in cfg.algorithms if a in meta.id_token_signing_alg_values_supported
         )
@@ -264,6 +281,7 @@ class IdentityProvider:
             redirect_uri=redirect_uri,
             scopes=self.config.scopes,
             login=login,
+            extra=self.config.effective_auth_params,
         )
 
     async def exchange_code(self, code: str, *, redirect_uri: str, code_verifier: str) -> TokenSet:
@@ -319,14 +337,14 @@ class IdentityProvider:
         self, id_token: str, *, nonce: str | None, max_age: float | None = None
     ) -> dict[str, Any]:
         """Validate an ID token; an unknown kid triggers one (throttled) JWKS refetch."""
-        meta = self.metadata
+        rule = self.issuer_rule
         for attempt in range(2):
             generation = self._jwks_generation
             try:
                 return oidc.validate_id_token(
                     id_token,
                     keys=self._keys,
-                    issuer=meta.issuer,
+                    issuer=rule,
                     client_id=self.config.client_id,
                     nonce=nonce,
                     algorithms=self._algorithms,
@@ -340,17 +358,34 @@ class IdentityProvider:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def with_keys(self, check: Callable[[oidc.KeySet], T]) -> T:
+        """Run ``check`` (a token validation) with the provider's keys; an unknown kid
+        triggers one (throttled) JWKS refetch and a second try, as for ID tokens."""
+        for attempt in range(2):
+            generation = self._jwks_generation
+            try:
+                return check(self._keys)
+            except UnknownSigningKey:
+                if attempt or not await self._refetch_jwks(generation):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def send(self, spec: oidc.HttpRequestSpec, *, what: str) -> tuple[int, bytes]:
+        """Send a request built by the core (introspection) with the provider's timeout;
+        failures raise ``OIDCError`` 502/504 like every other call to the provider."""
+        return await self._send(spec, what=what)
+
     async def validate_logout_token(self, token: str) -> oidc.LogoutToken:
         """Validate a back-channel logout token; an unknown kid triggers one (throttled) JWKS
         refetch, and a kid still unknown after it is a 400 like any other bad token."""
-        meta = self.metadata
+        rule = self.issuer_rule
         for attempt in range(2):
             generation = self._jwks_generation
             try:
                 return oidc.validate_logout_token(
                     token,
                     keys=self._keys,
-                    issuer=meta.issuer,
+                    issuer=rule,
                     client_id=self.config.client_id,
                     algorithms=self._algorithms,
                     leeway=self.config.leeway,
@@ -412,8 +447,76 @@ class IdentityProvider:
         )
         claims = await self.validate_id_token(tokens.id_token, nonce=login.nonce)
         info = await self.userinfo(tokens.access_token)
-        identity = oidc.identity_from_claims(claims, userinfo=info, claims=self.config.claims)
+        identity = await self.identity_for_login(claims, info, tokens.access_token)
         return identity, tokens, claims
+
+    async def identity_for_login(
+        self, claims: Mapping[str, Any], info: Mapping[str, Any] | None, access_token: str | None
+    ) -> Identity:
+        """The identity of a login, with its groups from every configured source: the access
+        token only once validated, a group overage resolved through Microsoft Graph. What
+        cannot be had leaves the groups "unavailable" (rules on groups fail closed), never an
+        error and never a pass. Resolved once here and kept in the sealed session."""
+        cfg = self.config.claims
+        access: dict[str, Any] | None = None
+        if "access_token" in cfg.groups_from and access_token:
+            access = await self.access_token_claims(access_token)
+        identity = oidc.identity_from_claims(
+            claims, userinfo=info, claims=cfg, access_claims=access
+        )
+        if (
+            identity.groups_state == "unavailable"
+            and cfg.groups_overage == "graph"
+            and access_token
+            and oidc.groups_overage(claims)
+        ):
+            try:
+                found = await graph.member_groups(
+                    self._http, self.config.graph_url, access_token, seconds=self.config.timeout
+                )
+            except graph.GraphError as exc:
+                log.warning("group overage not resolved: %s", exc.message,
+                            extra={"reason": exc.reason, "user": identity.user})
+            else:
+                identity = oidc.with_groups(identity, found)
+                log.info("group overage resolved through Microsoft Graph",
+                         extra={"user": identity.user, "groups": len(found)})
+        if identity.groups_state == "truncated":
+            log.warning(
+                "groups claim has %d entries, at provider.claims.groups_cap: it may be "
+                "truncated, so deny rules on groups fail closed",
+                len(identity.groups), extra={"user": identity.user})
+        elif identity.groups_state != "ok":
+            log.warning("group membership %s: rules on groups fail closed",
+                        identity.groups_state, extra={"user": identity.user})
+        return identity
+
+    async def access_token_claims(self, access_token: str) -> dict[str, Any] | None:
+        """The login's access token claims when it validates (signature, issuer, party,
+        expiry: :func:`oidc.access_token_claims_for_login`), else None (logged, never the
+        token). An unknown kid triggers one (throttled) JWKS refetch."""
+        meta = self.metadata
+        for attempt in range(2):
+            generation = self._jwks_generation
+            try:
+                return oidc.access_token_claims_for_login(
+                    access_token,
+                    keys=self._keys,
+                    issuer=meta.issuer,
+                    client_id=self.config.client_id,
+                    algorithms=self._algorithms,
+                    leeway=self.config.leeway,
+                    now=self._clock(),
+                )
+            except UnknownSigningKey as exc:
+                if attempt or not await self._refetch_jwks(generation):
+                    log.warning("access token not usable for groups: %s", exc.message)
+                    return None
+            except OIDCError as exc:
+                log.warning("access token not usable for groups: %s", exc.message,
+                            extra={"reason": exc.reason})
+                return None
+        return None  # pragma: no cover
 
     def end_session_url(
         self, *, id_token_hint: str, post_logout_redirect_uri: str | None

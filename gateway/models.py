@@ -8,12 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+# How far the policy may trust ``Identity.groups``. ``ok``: complete. ``truncated``: at the
+# provider's cap (Okta: 100), so groups may be missing: deny rules on groups fail closed.
+# ``unavailable`` (the access token or Microsoft Graph could not be used) and ``invalid``
+# (a null claim, or a member that is not a string): every rule on groups fails closed.
+GroupsState = Literal["ok", "truncated", "unavailable", "invalid"]
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who the user is, as taken from the validated ID token (and userinfo)."""
+    """Who the user is, as taken from the validated ID token (and userinfo).
+
+    ``domain_verified``: None when no hosted-domain claim is configured; else whether the
+    provider vouches (Google's ``hd``) for the e-mail's domain, which ``email_domains`` rules
+    then require."""
 
     sub: str
     user: str
@@ -23,6 +33,8 @@ class Identity:
     preferred_username: str | None = None
     # Merged ID token + userinfo claims, for `allow.claims` rules. JSON-compatible values only.
     claims: Mapping[str, Any] = field(default_factory=dict)
+    groups_state: GroupsState = "ok"
+    domain_verified: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

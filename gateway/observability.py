@@ -247,6 +247,9 @@ class Outcome:
     reason: str = "-"
     rule: str | None = None
     user: str | None = None
+    # How the user was authenticated: "session" (cookie) or "bearer" (API token); None when
+    # nobody was. Logged, never the credential itself.
+    auth: str | None = None
 
     def record(self, auth: str, access: Access) -> None:
         """Note what ``policy.authorize`` answered on a route whose ``auth`` is given.
@@ -345,6 +348,18 @@ class Metrics:
         self.draining = Gauge(
             "oidc_gateway_draining", "1 from SIGTERM on, while in-flight requests finish",
             registry=registry, multiprocess_mode="livemax",
+        )
+        self.session_cache = Counter(
+            "oidc_gateway_session_cache",
+            "Session reads served from this process's cache (hit) or from the store (miss)",
+            ["result"], registry=registry,
+        )
+        self.session_cache_live = Gauge(
+            "oidc_gateway_session_cache_live",
+            "1 while the session cache's invalidation channel is confirmed alive and the "
+            "cache is used; 0 while every session read goes to the store (every worker: "
+            "the lowest)",
+            registry=registry, multiprocess_mode="livemin",
         )
         self.config_reloads = Counter(
             "oidc_gateway_config_reloads", "Config reloads (SIGHUP or file change), by result",

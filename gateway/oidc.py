@@ -18,12 +18,13 @@ each one is visible, tested, and cannot be switched off by a provider's metadata
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
@@ -31,9 +32,10 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry, Key, OctKey
 
-from gateway.config import ClaimsConfig
+from gateway.config import ClaimsConfig, claim_at, parse_claim_path
 from gateway.errors import OIDCError, UnknownSigningKey
-from gateway.models import Identity, LoginState, TokenSet
+from gateway.issuers import IssuerRule, issuer_problem, same_issuer_spelling
+from gateway.models import GroupsState, Identity, LoginState, TokenSet
 
 __all__ = [
     "BACKCHANNEL_LOGOUT_EVENT",
@@ -41,10 +43,13 @@ __all__ = [
     "KeySet",
     "LogoutToken",
     "ProviderMetadata",
+    "access_token_claims_for_login",
     "authorization_url",
     "code_challenge",
+    "coerce_groups",
     "discovery_url",
     "end_session_url",
+    "groups_overage",
     "id_token_expiry",
     "identity_from_claims",
     "needs_refresh",
@@ -60,6 +65,7 @@ __all__ = [
     "tokens_expire_at",
     "validate_id_token",
     "validate_logout_token",
+    "with_groups",
 ]
 
 WELL_KNOWN: Final = "/.well-known/openid-configuration"
@@ -153,6 +159,8 @@ class ProviderMetadata:
     jwks_uri: str
     userinfo_endpoint: str | None = None
     end_session_endpoint: str | None = None
+    # RFC 8414 §2 / RFC 7662: where opaque bearer tokens are checked (routes[].bearer).
+    introspection_endpoint: str | None = None
     id_token_signing_alg_values_supported: tuple[str, ...] = ("RS256",)
     token_endpoint_auth_methods_supported: tuple[str, ...] = ("client_secret_basic",)
     code_challenge_methods_supported: tuple[str, ...] = ()
@@ -200,8 +208,10 @@ def parse_discovery(body: bytes, *, expected_issuer: str) -> ProviderMetadata:
     """Parse a discovery document; its ``issuer`` must equal the configured one exactly.
 
     Discovery §4.3: "The issuer value returned MUST be identical to the Issuer URL that was
-    used as the prefix to /.well-known/openid-configuration". Anything else raises
-    ``OIDCError(reason="discovery_invalid")``.
+    used as the prefix to /.well-known/openid-configuration". One trailing slash more or less
+    (Auth0) is the only difference let through (:func:`gateway.issuers.same_issuer_spelling`):
+    the metadata then holds discovery's spelling, which tokens must carry exactly. Anything else
+    raises ``OIDCError(reason="discovery_invalid")``.
     """
     try:
         doc = json.loads(body)
@@ -212,7 +222,7 @@ def parse_discovery(body: bytes, *, expected_issuer: str) -> ProviderMetadata:
     issuer = doc.get("issuer")
     if not isinstance(issuer, str):
         raise _discovery_invalid("the discovery document has no issuer")
-    if issuer != expected_issuer:
+    if not same_issuer_spelling(issuer, expected_issuer):
         raise _discovery_invalid(
             f"the discovery document names issuer {_printable(issuer)!r}, but provider.issuer "
             f"is {expected_issuer!r}; they must be identical (check the trailing slash)"
@@ -225,6 +235,7 @@ def parse_discovery(body: bytes, *, expected_issuer: str) -> ProviderMetadata:
         jwks_uri=_required_url(doc, "jwks_uri"),
         userinfo_endpoint=_optional_url(doc, "userinfo_endpoint"),
         end_session_endpoint=_optional_url(doc, "end_session_endpoint"),
+        introspection_endpoint=_optional_url(doc, "introspection_endpoint"),
         # REQUIRED by Discovery §3; a provider that omits it signs with RS256 (Core §15.1).
         id_token_signing_alg_values_supported=_str_tuple(
             doc, "id_token_signing_alg_values_supported", ("RS256",)
@@ -266,8 +277,13 @@ def authorization_url(
     redirect_uri: str,
     scopes: Sequence[str],
     login: LoginState,
+    extra: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The provider URL that starts the authorization code flow with PKCE S256."""
+    """The provider URL that starts the authorization code flow with PKCE S256.
+
+    ``extra`` holds ``provider.auth_params`` (Google's ``access_type``/``prompt``...), added
+    after the gateway's own parameters; config refuses any that would replace one of them.
+    """
     return _with_query(
         meta.authorization_endpoint,
         [
@@ -279,6 +295,7 @@ def authorization_url(
             ("nonce", login.nonce),
             ("code_challenge", code_challenge(login.code_verifier)),
             ("code_challenge_method", "S256"),
+            *extra,
         ],
     )
 
@@ -725,7 +742,7 @@ def validate_id_token(
     id_token: str,
     *,
     keys: KeySet,
-    issuer: str,
+    issuer: str | IssuerRule,
     client_id: str,
     nonce: str | None,
     algorithms: Sequence[str],
@@ -753,9 +770,11 @@ def validate_id_token(
     if not isinstance(claims, dict):
         raise _invalid("The ID token's payload is not a JSON object.")
 
-    # Step 2: iss MUST exactly match the Issuer Identifier from discovery.
-    if claims.get("iss") != issuer:
-        raise _invalid("The ID token was issued by another issuer.")
+    # Step 2: iss MUST exactly match the Issuer Identifier from discovery (an IssuerRule
+    # spells out the only known exceptions: Entra's {tenantid}, Google's scheme-less iss).
+    iss_problem = issuer_problem(issuer, claims)
+    if iss_problem is not None:
+        raise _invalid(f"The ID token {iss_problem}.")
 
     # Step 3: aud MUST contain our client_id; a token with audiences we do not trust is
     # rejected outright (security note 1), not just one that lacks ours.
@@ -812,7 +831,7 @@ def validate_id_token(
     # §2: sub is REQUIRED, a string of at most 255 ASCII characters (security note 19).
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
-        raise _invalid("The ID token has no subject (sub).")
+        raise _no_subject()
     if len(sub) > MAX_SUB_LENGTH or not sub.isascii():
         raise _invalid("The ID token's subject is not at most 255 ASCII characters.")
     return claims
@@ -845,7 +864,7 @@ def validate_logout_token(
     token: str,
     *,
     keys: KeySet,
-    issuer: str,
+    issuer: str | IssuerRule,
     client_id: str,
     algorithms: Sequence[str],
     leeway: float,
@@ -874,7 +893,7 @@ def validate_logout_token(
         raise _logout_invalid("logout token: the payload is not JSON") from None
     if not isinstance(claims, dict):
         raise _logout_invalid("logout token: the payload is not a JSON object")
-    if claims.get("iss") != issuer:
+    if issuer_problem(issuer, claims) is not None:
         raise _logout_invalid("logout token: issued by another issuer")
     aud = claims.get("aud")
     audiences = [aud] if isinstance(aud, str) else aud
@@ -915,17 +934,24 @@ def validate_logout_token(
 # ---------------------------------------------------------------------------------------------
 
 
-def _claim(claims: Mapping[str, Any], name: str) -> Any:
-    """``name`` from ``claims``; a dotted name (``realm_access.roles``) walks nested objects
-    when no claim has that exact name."""
-    if name in claims:
-        return claims[name]
-    node: Any = claims
-    for part in name.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
+@functools.lru_cache(maxsize=256)
+def _path(text: str) -> tuple[str, ...]:
+    # Validated when the config loaded (ClaimsConfig); cached: it runs at every login.
+    return parse_claim_path(text)
+
+
+def _claim(claims: Mapping[str, Any], name: str) -> object | None:
+    """The claim at path ``name`` (``realm_access.roles``, ``["cognito:groups"]``), or None."""
+    return claim_at(claims, _path(name))
+
+
+def _find(claims: Mapping[str, Any], name: str) -> tuple[bool, object]:
+    """Whether the claim at path ``name`` is present (a JSON null counts), and its value."""
+    path = _path(name)
+    parent = claim_at(claims, path[:-1]) if len(path) > 1 else claims
+    if not isinstance(parent, Mapping) or path[-1] not in parent:
+        return False, None
+    return True, parent[path[-1]]
 
 
 def _bool_claim(value: object) -> bool | None:
@@ -939,18 +965,46 @@ def _bool_claim(value: object) -> bool | None:
     return False
 
 
-def _groups(value: object) -> tuple[str, ...]:
+# provider.claims.email_verified's default: when this standard claim is absent, verification is
+# unknown; when the config names another one (Entra's xms_edov), its absence means unverified.
+DEFAULT_EMAIL_VERIFIED: Final = "email_verified"
+
+# Best to worst: the state of groups gathered from several sources is the worst of theirs.
+_STATE_RANK: Final[dict[GroupsState, int]] = {
+    "ok": 0,
+    "truncated": 1,
+    "unavailable": 2,
+    "invalid": 3,
+}
+
+
+def coerce_groups(value: object, *, cap: int | None = None) -> tuple[tuple[str, ...], GroupsState]:
+    """A groups claim as the policy may use it, never failing open.
+
+    A string is a one-element list (Dex, some Keycloak mappers). A list of strings is used as
+    is (empty names dropped, duplicates once). Anything else present (``null``, a number, an
+    object, a list with a ``null`` or non-string member) is ``invalid``: silently dropping a
+    member could drop exactly the group a deny rule names, so every rule on groups fails
+    closed instead, and no group is passed on. ``cap``: a list with at least that many members
+    (Okta stops at 100) may be truncated.
+    """
     if isinstance(value, str):
-        items: list[object] = [value]
-    elif isinstance(value, list | tuple):
-        items = list(value)
-    else:
-        return ()
-    out: list[str] = []
-    for item in items:
-        if isinstance(item, str) and item and item not in out:
-            out.append(item)
-    return tuple(out)
+        return ((value,) if value else ()), "ok"
+    if not isinstance(value, list | tuple) or not all(isinstance(g, str) for g in value):
+        return (), "invalid"
+    out = tuple(dict.fromkeys(g for g in value if g))
+    if cap is not None and len(value) >= cap:
+        return out, "truncated"
+    return out, "ok"
+
+
+def groups_overage(claims: Mapping[str, Any]) -> bool:
+    """Whether ``claims`` say the groups were left out for being too many (Entra ID: the
+    ``groups`` claim replaced by ``_claim_names``/``_claim_sources``, or ``hasgroups: true``
+    in the implicit flow). The endpoint those sources name is never called: it comes from a
+    token, while Microsoft Graph's origin comes from the config (``provider.graph_url``)."""
+    names = claims.get("_claim_names")
+    return (isinstance(names, Mapping) and "groups" in names) or claims.get("hasgroups") is True
 
 
 def identity_from_claims(
@@ -958,16 +1012,30 @@ def identity_from_claims(
     *,
     userinfo: Mapping[str, Any] | None,
     claims: ClaimsConfig,
+    access_claims: Mapping[str, Any] | None = None,
 ) -> Identity:
     """Build the Identity from validated ID token claims and (optionally) userinfo.
 
     OIDC Core §5.3.2: the userinfo ``sub`` MUST equal the ID token's, else the answer is
     refused. Userinfo adds and overrides profile claims, never the ID token's own (sub, iss,
     aud, exp, nonce, sid, ...).
+
+    Groups are the union of the sources in ``claims.groups_from`` that carry the claim, and
+    their state the worst of theirs (:func:`coerce_groups`). ``access_claims``: the access
+    token's claims once :func:`access_token_claims_for_login` validated it; None with
+    ``access_token`` listed means it could not be validated, so groups are ``unavailable``.
+    A group overage (:func:`groups_overage`) leaves them ``unavailable`` until the caller
+    resolves it (:func:`with_groups`). Access token claims feed the groups only, never
+    ``Identity.claims``: the token is meant for an API, not a description of the user.
+
+    ``email_verified``: the standard claim absent means unknown (a deny rule still refuses,
+    an allow rule admits); a provider-specific claim configured instead (Entra's
+    ``xms_edov``) absent means unverified. With ``claims.hosted_domain`` (Google's ``hd``),
+    ``domain_verified`` says whether that claim equals the e-mail's domain.
     """
     sub = id_claims.get("sub")
     if not isinstance(sub, str) or not sub:
-        raise _invalid("The ID token has no subject (sub).")
+        raise _no_subject()
     merged: dict[str, Any] = dict(id_claims)
     if userinfo is not None:
         if userinfo.get("sub") != sub:
@@ -981,16 +1049,166 @@ def identity_from_claims(
                 merged[name] = value
     user = _claim(merged, claims.user)
     email = _claim(merged, claims.email)
+    email = email if isinstance(email, str) and email else None
+    verified = _bool_claim(_claim(merged, claims.email_verified))
+    if verified is None and claims.email_verified != DEFAULT_EMAIL_VERIFIED:
+        verified = False
+    domain_verified: bool | None = None
+    if claims.hosted_domain is not None:
+        hosted = _claim(merged, claims.hosted_domain)
+        domain = email.rpartition("@")[2].lower() if email and "@" in email else None
+        domain_verified = isinstance(hosted, str) and hosted.lower() == domain
+    groups, state = _gather_groups(id_claims, userinfo, access_claims, claims)
     preferred = merged.get("preferred_username")
     return Identity(
         sub=sub,
         user=user if isinstance(user, str) and user else sub,
-        email=email if isinstance(email, str) and email else None,
-        email_verified=_bool_claim(merged.get("email_verified")),
-        groups=_groups(_claim(merged, claims.groups)),
+        email=email,
+        email_verified=verified,
+        groups=groups,
         preferred_username=preferred if isinstance(preferred, str) and preferred else None,
         claims=merged,
+        groups_state=state,
+        domain_verified=domain_verified,
     )
+
+
+def _gather_groups(
+    id_claims: Mapping[str, Any],
+    userinfo: Mapping[str, Any] | None,
+    access_claims: Mapping[str, Any] | None,
+    claims: ClaimsConfig,
+) -> tuple[tuple[str, ...], GroupsState]:
+    sources: list[Mapping[str, Any] | None] = []
+    for name in claims.groups_from:
+        if name == "id_token":
+            sources.append(id_claims)
+        elif name == "userinfo":
+            if userinfo is not None:  # userinfo off or not offered: nothing to read there
+                sources.append(userinfo)
+        else:
+            sources.append(access_claims)  # None: could not be validated
+    found: list[str] = []
+    state: GroupsState = "ok"
+    seen_claim = False
+    for source in sources:
+        if source is None:
+            state = _worse(state, "unavailable")
+            continue
+        present, value = _find(source, claims.groups)
+        if not present:
+            continue
+        seen_claim = True
+        values, got = coerce_groups(value, cap=claims.groups_cap)
+        found.extend(values)
+        state = _worse(state, got)
+    if not seen_claim and any(s is not None and groups_overage(s) for s in sources):
+        state = _worse(state, "unavailable")
+    if state in ("invalid", "unavailable"):
+        return (), state  # rules on groups fail closed; no partial list reaches a header
+    return tuple(dict.fromkeys(found)), state
+
+
+def _worse(a: GroupsState, b: GroupsState) -> GroupsState:
+    return a if _STATE_RANK[a] >= _STATE_RANK[b] else b
+
+
+def with_groups(identity: Identity, groups: Sequence[str]) -> Identity:
+    """``identity`` with a group overage resolved: ``groups`` as fetched (complete: paging
+    was followed to the end, so no cap applies)."""
+    values, state = coerce_groups(list(groups))
+    return replace(identity, groups=values, groups_state=state)
+
+
+def _no_subject() -> OIDCError:
+    # Not the user's fault and not an attack (the token is validated): the provider is
+    # configured to leave out a REQUIRED claim (OIDC Core §2), so say where to look.
+    return OIDCError(
+        "The ID token has no subject (sub). The sign-in service is misconfigured: every ID "
+        "token must name its user in sub (OpenID Connect Core, section 2); ask its "
+        "administrator to check the client's claim mappings. No session was created.",
+        reason="id_token_invalid",
+        status_hint=502,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The access token, for groups (provider.claims.groups_from: access_token)
+# ---------------------------------------------------------------------------------------------
+
+
+def _access_invalid(message: str) -> OIDCError:
+    return OIDCError(message, reason="access_token_invalid", status_hint=401)
+
+
+def access_token_claims_for_login(
+    token: str,
+    *,
+    keys: KeySet,
+    issuer: str,
+    client_id: str,
+    algorithms: Sequence[str],
+    leeway: float,
+    now: float,
+) -> dict[str, Any]:
+    """The claims of the access token of a login, once it is proven to be the provider's and
+    ours, for reading groups from it (Keycloak puts roles there). Not for bearer tokens sent
+    by API clients: those need their own audience rules.
+
+    Checked: a signed JWT (an opaque token cannot be read at all), its signature with the
+    provider's JWKS under the pinned algorithms (never ``none``, never HMAC: the client
+    secret does not sign access tokens), ``iss`` exactly the issuer, ``exp`` present and not
+    passed, ``nbf``/``iat`` not in the future. The party: every one of ``azp`` (OIDC),
+    ``client_id`` (RFC 9068 §2.2) and ``cid`` (Okta) that is present must be our client_id;
+    only when none is present must ``aud`` contain it. ``aud`` is not required to be ours
+    otherwise: access tokens are addressed to APIs (Keycloak's ``account``), and the token
+    came to us from the token endpoint in the same answer as the ID token. ``sub`` is not
+    compared: Okta and Entra put another identifier there.
+
+    Raises UnknownSigningKey for an unknown kid, else ``OIDCError(reason=
+    "access_token_invalid")``; the caller treats any failure as "groups unavailable".
+    """
+    if token.count(".") != 2:
+        raise _access_invalid("The access token is not a signed JWT (it may be opaque).")
+    try:
+        obj = _verify_signature(
+            token,
+            keys=keys,
+            algorithms=[a for a in algorithms if not a.upper().startswith("HS")],
+            client_secret=None,
+        )
+    except UnknownSigningKey:
+        raise
+    except OIDCError as exc:
+        raise _access_invalid(exc.message.replace("The ID token", "The access token")) from None
+    try:
+        claims = json.loads(obj.payload)
+    except (ValueError, UnicodeDecodeError):
+        raise _access_invalid("The access token's payload is not JSON.") from None
+    if not isinstance(claims, dict):
+        raise _access_invalid("The access token's payload is not a JSON object.")
+    if claims.get("iss") != issuer:
+        raise _access_invalid("The access token was issued by another issuer.")
+    parties = [claims[name] for name in ("azp", "client_id", "cid") if name in claims]
+    if parties:
+        if any(party != client_id for party in parties):
+            raise _access_invalid("The access token was issued to another client (azp).")
+    else:
+        aud = claims.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud
+        if not isinstance(audiences, list) or client_id not in audiences:
+            raise _access_invalid("The access token names neither this client nor its party.")
+    exp = _number(claims.get("exp"))
+    if exp is None:
+        raise _access_invalid("The access token has no valid expiry (exp).")
+    if now - leeway >= exp:
+        raise _access_invalid("The access token has expired.")
+    for name in ("nbf", "iat"):
+        if name in claims:
+            when = _number(claims[name])
+            if when is None or when > now + leeway:
+                raise _access_invalid(f"The access token's {name} is invalid or in the future.")
+    return claims
 
 
 # ---------------------------------------------------------------------------------------------

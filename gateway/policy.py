@@ -21,6 +21,14 @@ Why it is built this way:
 * An address the provider marks unverified (``email_verified: false``) never *admits*: OIDC
   Core 5.1 warns that ``email`` alone proves nothing, and some providers let users type any
   address. It still *refuses* in a deny rule: claiming a denied address cannot be a way in.
+* Groups the provider could not give in full fail closed (``Identity.groups_state``): when
+  they are ``unavailable`` (Entra overage unresolved, access token unusable) or ``invalid``
+  (null, non-string members), a condition on groups (``groups``, or a claim condition on
+  ``provider.claims.groups``) never admits in an allow rule and always refuses in a deny
+  rule; when ``truncated`` (at ``groups_cap``), a present group still admits, but a deny
+  rule's group not found counts as found. The reason says "group membership unavailable".
+* With a hosted-domain claim configured (Google's ``hd``), an ``email_domains`` rule admits
+  only when the provider vouches for the e-mail's domain (``Identity.domain_verified``).
 * Claim rules never coerce types: ``"true"`` is not ``True`` and ``1`` is not ``True`` (Python's
   ``1 == True`` would otherwise admit). A list claim matches when any member does.
 * ``methods: [GET]`` covers HEAD, as routing does (RFC 9110 9.3.2), in allow and deny alike.
@@ -33,6 +41,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -44,9 +53,10 @@ from gateway.config import (
     PolicyConfig,
     RouteConfig,
     RuleConfig,
+    claim_at,
     parse_claim_path,
 )
-from gateway.models import Decision, Identity, RuleRef
+from gateway.models import Decision, GroupsState, Identity, RuleRef
 
 __all__ = ["Access", "authorize", "client_address", "evaluate", "login_style"]
 
@@ -54,6 +64,13 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 NO_RULES_REASON: Final = "signed in; route has no allow rules"
+GROUPS_UNAVAILABLE: Final = "group membership unavailable"
+# What a groups condition shows when the groups cannot be trusted (state → words).
+_GROUPS_UNKNOWN: Final[dict[GroupsState, str]] = {
+    "unavailable": GROUPS_UNAVAILABLE,
+    "invalid": f"{GROUPS_UNAVAILABLE} (the provider's groups claim is not a list of names)",
+    "truncated": "group membership possibly truncated (at provider.claims.groups_cap)",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,11 +99,14 @@ def authorize(
     method: str | None,
     client_ip: str | None,
     default_policy: PolicyConfig | None,
+    groups_claim: str = "groups",
 ) -> Access:
     """The one answer the live gateway and ``oidc-gateway explain`` both act on.
 
     ``identity`` is the signed-in user, None without a (valid) session. ``client_ip`` is the
     trusted client address (``Forwarded.client_ip``), ``method`` the request method.
+    ``groups_claim``: ``provider.claims.groups``, so that a claim condition on it fails
+    closed like a ``groups`` condition when the groups cannot be trusted.
     """
     if route.auth == "public":
         return Access(forward=True, login_needed=False, identity=None, decision=None)
@@ -97,7 +117,12 @@ def authorize(
     if route.auth == "optional":
         return Access(forward=True, login_needed=False, identity=identity, decision=None)
     decision = evaluate(
-        route, identity, method=method, client_ip=client_ip, default_policy=default_policy
+        route,
+        identity,
+        method=method,
+        client_ip=client_ip,
+        default_policy=default_policy,
+        groups_claim=groups_claim,
     )
     return Access(
         forward=decision.allowed,
@@ -146,6 +171,9 @@ class _Rule:
     @property
     def mentions_email(self) -> bool:
         return self.emails is not None or self.email_domains is not None
+
+    def mentions_groups(self, groups_path: tuple[str, ...]) -> bool:
+        return self.groups is not None or any(c.path == groups_path for c in self.claims)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +280,7 @@ class _Facts:
     method: str | None  # upper case; None: unknown
     address: IPAddress | None  # None: unknown
     email: str  # lower case, "" when none
+    groups_path: tuple[str, ...]  # provider.claims.groups, parsed
 
 
 def client_address(text: str | None) -> IPAddress | None:
@@ -282,6 +311,7 @@ def evaluate(
     method: str | None,
     client_ip: str | None,
     default_policy: PolicyConfig | None,
+    groups_claim: str = "groups",
 ) -> Decision:
     """May this signed-in ``identity`` use ``route`` with this request? Deny rules first (any
     one refuses), then allow rules (any one admits). ``None`` for ``method`` or ``client_ip``
@@ -292,6 +322,7 @@ def evaluate(
         method=method.upper() if method else None,
         address=client_address(client_ip),
         email=(identity.email or "").lower(),
+        groups_path=_groups_path(groups_claim),
     )
     source = policy.source or "route"
     where = (
@@ -324,7 +355,23 @@ def evaluate(
         and any(rule.mentions_email for rule in policy.allow)
     ):
         reason += " (email not verified, email rules skipped)"
+    elif (
+        identity.email
+        and identity.domain_verified is False
+        and any(rule.email_domains is not None for rule in policy.allow)
+    ):
+        reason += " (email domain not the provider's hosted domain, domain rules skipped)"
+    state = identity.groups_state
+    if state in ("unavailable", "invalid") and any(
+        rule.mentions_groups(facts.groups_path) for rule in policy.allow
+    ):
+        reason += f" ({_GROUPS_UNKNOWN[state]}: rules on groups fail closed)"
     return Decision(False, reason)
+
+
+@functools.lru_cache(maxsize=64)
+def _groups_path(text: str) -> tuple[str, ...]:
+    return parse_claim_path(text)
 
 
 def _match(rule: _Rule, facts: _Facts, *, deny: bool) -> str | None:
@@ -353,21 +400,33 @@ def _match(rule: _Rule, facts: _Facts, *, deny: bool) -> str | None:
             domain = _domain_of(facts.email)
             if domain is None or domain not in rule.email_domains:
                 return None
+            # Google: hd is what vouches for a Workspace domain, not the address's spelling.
+            if not deny and identity.domain_verified is False:
+                return None
             shown.append(f"email_domains: {_show(domain)}")
 
+    state = identity.groups_state
+    trusted = state in ("ok", "truncated")  # else nothing in identity.groups is usable
     if rule.groups is not None:
-        group = next((g for g in identity.groups if g in rule.groups), None)
-        if group is None:
+        group = next((g for g in identity.groups if g in rule.groups), None) if trusted else None
+        if group is not None:
+            shown.append(f"groups: {_show(group)}")
+        elif deny and state != "ok":
+            shown.append(f"groups: {_GROUPS_UNKNOWN[state]}")
+        else:
             return None
-        shown.append(f"groups: {_show(group)}")
 
     if rule.claims:
         found: list[str] = []
         for claim in rule.claims:
-            value = _claim_match(identity.claims, claim)
-            if value is None:
+            about_groups = claim.path == facts.groups_path
+            value = _claim_match(identity.claims, claim) if trusted or not about_groups else None
+            if value is not None:
+                found.append(f"{_show(claim.shown)}={_show(repr(value))}")
+            elif about_groups and deny and state != "ok":
+                found.append(f"{_show(claim.shown)}: {_GROUPS_UNKNOWN[state]}")
+            else:
                 return None
-            found.append(f"{_show(claim.shown)}={_show(repr(value))}")
         shown.append("claims: " + ", ".join(found))
 
     if rule.networks is not None:
@@ -411,11 +470,9 @@ def _claim_match(claims: Mapping[str, Any], claim: _Claim) -> object | None:
     """The claim value that an accepted value equals (same type), or None. The path walks
     nested objects; a missing claim (or a non-object on the way) never matches; a list claim
     matches if any member does (``realm_access.roles``)."""
-    node: object = claims
-    for part in claim.path:
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
+    node = claim_at(claims, claim.path)
+    if node is None:
+        return None
     members: Sequence[object] = node if isinstance(node, list | tuple) else (node,)
     for member in members:
         try:

@@ -376,6 +376,10 @@ _SESSION_FIELDS: Final = frozenset(
 _IDENTITY_FIELDS: Final = frozenset(
     {"sub", "user", "email", "email_verified", "groups", "preferred_username", "claims"}
 )
+# Added later: sessions sealed before carry none of them and load with the defaults (groups
+# complete, no hosted-domain claim), which is what those sessions were decided with.
+_IDENTITY_OPTIONAL: Final = frozenset({"groups_state", "domain_verified"})
+_GROUPS_STATES: Final = frozenset({"ok", "truncated", "unavailable", "invalid"})
 _TOKEN_FIELDS: Final = frozenset(
     {"id_token", "access_token", "refresh_token", "token_type", "expires_at"}
 )
@@ -401,6 +405,8 @@ def dump_session(session: Session) -> bytes:
                 "groups": list(identity.groups),
                 "preferred_username": identity.preferred_username,
                 "claims": dict(identity.claims),
+                "groups_state": identity.groups_state,
+                "domain_verified": identity.domain_verified,
             },
             "tokens": {
                 "id_token": tokens.id_token,
@@ -432,10 +438,18 @@ def load_session(data: bytes) -> Session:
 
     raw_identity = _object(obj, "identity", what)
     iwhat = f"{what}.identity"
-    _check_keys(raw_identity, _IDENTITY_FIELDS, iwhat)
+    _check_keys(
+        {k: v for k, v in raw_identity.items() if k not in _IDENTITY_OPTIONAL},
+        _IDENTITY_FIELDS,
+        iwhat,
+    )
     groups = raw_identity["groups"]
     if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
         raise SessionInvalid(f"{iwhat}.groups: expected a list of strings")
+    groups_state = raw_identity.get("groups_state", "ok")
+    if groups_state not in _GROUPS_STATES:
+        raise SessionInvalid(f"{iwhat}.groups_state: expected one of {sorted(_GROUPS_STATES)}")
+    domain_verified = _opt_bool({"domain_verified": None, **raw_identity}, "domain_verified", iwhat)
     identity = Identity(
         sub=_str(raw_identity, "sub", iwhat),
         user=_str(raw_identity, "user", iwhat),
@@ -444,6 +458,8 @@ def load_session(data: bytes) -> Session:
         groups=tuple(groups),
         preferred_username=_opt_str(raw_identity, "preferred_username", iwhat),
         claims=_object(raw_identity, "claims", iwhat),
+        groups_state=groups_state,
+        domain_verified=domain_verified,
     )
 
     raw_tokens = _object(obj, "tokens", what)

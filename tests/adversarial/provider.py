@@ -32,7 +32,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 from urllib.parse import unquote_plus, urlencode
 
@@ -111,9 +111,33 @@ class Script:
     token_mode: TokenMode = "ok"
     token_failure: TokenFailure | None = None
     token_response: dict[str, Value] = field(default_factory=dict)
+    # Refresh (RFC 6749 §6): whether the code exchange hands out a refresh token; changes to
+    # the refresh answer (DROP "refresh_token": none returned, the old one stays valid); an
+    # ID token in the refresh answer (OIDC Core §12.2 lets it be left out) with these claim
+    # changes (e.g. another sub).
+    refresh_token: bool = False
+    refresh_response: dict[str, Value] = field(default_factory=dict)
+    refresh_id_token: bool = False
+    refresh_claims: dict[str, Value] = field(default_factory=dict)
     # Userinfo: changes to the claims (DROP removes, e.g. sub), or a failure answer.
     userinfo: dict[str, Value] = field(default_factory=dict)
     userinfo_failure: TokenFailure | None = None
+    # The login's access token (Keycloak puts roles there): None keeps it opaque; else a JWT
+    # with these changes to honest claims (iss, sub, azp: the client, aud: account, exp),
+    # signed as login_access_signature and login_access_key (None: the signing key) say.
+    login_access_token: dict[str, Value] | None = None
+    login_access_signature: Signature = "valid"
+    login_access_key: Key | None = None
+    # Microsoft Graph (Entra group overage), served on this server's origin: the user's
+    # groups (None: 404), the page size, a status instead of pages, and another origin
+    # (scheme://host:port) for @odata.nextLink.
+    graph_groups: list[str] | None = None
+    graph_page_size: int = 100
+    graph_status: int = 200
+    graph_next_origin: str | None = None
+    # Introspection (RFC 7662): a failure answer instead of the token's entry, or a hang.
+    introspection_failure: TokenFailure | None = None
+    introspection_hang: bool = False
 
 
 @dataclass
@@ -140,6 +164,10 @@ class AdversarialProvider:
         iss_parameter_supported: bool = True,
         strip_kids: bool = False,
         junk_keys: list[Any] | None = None,
+        issuer_path: str = "",
+        issuer_as: Callable[[AdversarialProvider], str] | None = None,
+        internal_port: bool = False,
+        end_session: bool = False,
     ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
@@ -161,20 +189,43 @@ class AdversarialProvider:
         # Every code, access token and ID token handed out: none may ever appear in a log.
         self.issued: list[str] = []
         self.issuer = ""
+        # Provider quirks (presets): the issuer's path (/oauth2/default, /organizations/v2.0),
+        # the issuer as discovery and honest tokens spell it (a trailing slash, Entra's
+        # {tenantid} template, an internal hostname), a second, "cluster-internal" port
+        # serving the same endpoints (split horizon), an end_session_endpoint.
+        self.issuer_path = issuer_path
+        self.issuer_as = issuer_as
+        self.internal_port = internal_port
+        self.internal_origin = ""
+        self.end_session = end_session
+        # (site, path) of every request: "public" or "internal".
+        self.hits: list[tuple[str, str]] = []
+        self.refresh_forms: list[dict[str, str]] = []
+        self._refresh_tokens: dict[str, _Grant] = {}
         self._grants: dict[str, _Grant] = {}
         self._access_tokens: set[str] = set()
+        # Opaque API tokens and what introspection says of them (unknown: {"active": false}).
+        self.introspection: dict[str, dict[str, Any]] = {}
         self._runner: web.AppRunner | None = None
         self._release: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        app = web.Application()
+        app = inner = web.Application()
         app.router.add_get("/.well-known/openid-configuration", self._discovery)
         app.router.add_get("/jwks", self._jwks)
         app.router.add_get("/authorize", self._authorize)
         app.router.add_post("/token", self._token)
         app.router.add_get("/userinfo", self._userinfo)
+        app.router.add_post("/introspect", self._introspect)
+        if self.issuer_path:
+            app = web.Application()
+            app.add_subapp(self.issuer_path, inner)
+        app.middlewares.append(self._record_site)
+        # On the origin, not under issuer_path: provider.graph_url is an origin.
+        app.router.add_get("/v1.0/me/transitiveMemberOf", self._graph_member_of)
+        app.router.add_get("/claim-source", self._claim_source)
         self._release = asyncio.Event()
         # shutdown_timeout: a request held by the "timeout" mode must not hold up teardown.
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -182,7 +233,26 @@ class AdversarialProvider:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.issuer = f"http://127.0.0.1:{port}"
+        self.issuer = f"http://127.0.0.1:{port}{self.issuer_path}"
+        if self.internal_port:
+            internal = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await internal.start()
+            other = [a[1] for a in self._runner.addresses if a[1] != port]
+            self.internal_origin = f"http://127.0.0.1:{other[0]}"
+
+    @property
+    def published_issuer(self) -> str:
+        """The issuer discovery names and honest tokens carry (``issuer_as``, else issuer)."""
+        return self.issuer_as(self) if self.issuer_as is not None else self.issuer
+
+    @web.middleware
+    async def _record_site(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        public = f"http://127.0.0.1:{sockname[1]}" if sockname else ""
+        site = "internal" if self.internal_origin and public == self.internal_origin else "public"
+        self.hits.append((site, request.path))
+        response: web.StreamResponse = await handler(request)
+        return response
 
     async def close(self) -> None:
         if self._release is not None:
@@ -211,7 +281,7 @@ class AdversarialProvider:
     def claims_for(self, grant: _Grant, now: int) -> dict[str, Any]:
         """The honest ID token claims for ``grant``, with the script's changes applied."""
         honest: dict[str, Any] = {
-            "iss": self.issuer,
+            "iss": self.published_issuer,
             "sub": SUB,
             "aud": grant.client_id,
             "iat": now,
@@ -249,12 +319,77 @@ class AdversarialProvider:
             signature[len(signature) // 2] ^= 0x01
         return f"{signing_input}.{b64url(bytes(signature))}"
 
+    def access_token(
+        self,
+        claims: Mapping[str, Value] | None = None,
+        *,
+        key: Key | None = None,
+        alg: str | None = None,
+        header: Mapping[str, Value] | None = None,
+        audience: str = "https://api.test",
+    ) -> str:
+        """A JWT access token (RFC 9068) for API calls: honest claims for alice (``iss``,
+        ``sub``, ``aud``, ``exp`` in 5 minutes...) with ``claims`` changes applied (DROP
+        removes), signed with ``key`` (default: the current signing key) and ``alg``
+        (default: the key's usual one), typ ``at+jwt``, with ``header`` changes applied."""
+        now = int(time.time())
+        honest: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": SUB,
+            "aud": audience,
+            "client_id": "api-client",
+            "iat": now,
+            "exp": now + 300,
+            "jti": secrets.token_urlsafe(12),
+            "scope": "openid",
+            "preferred_username": "alice",
+            "email": "alice@example.test",
+            "email_verified": True,
+            "groups": ["eng"],
+        }
+        payload = _apply(honest, claims or {}, now)
+        key = key or self.signing_key
+        if alg is None:
+            alg = "ES256" if key.key_type == "EC" else "RS256"
+        head: dict[str, Any] = {"typ": "at+jwt", "alg": alg}
+        if key.kid is not None:
+            head["kid"] = key.kid
+        head = _apply(head, header or {}, now)
+        signing_input = (
+            f"{b64url(json.dumps(head).encode())}.{b64url(json.dumps(payload).encode())}"
+        )
+        model = jws.JWSRegistry.algorithms[alg]
+        token = f"{signing_input}.{b64url(model.sign(signing_input.encode('ascii'), key))}"
+        self.issued.append(token)
+        return token
+
+    def opaque_token(self, answer: Mapping[str, Value] | None = None) -> str:
+        """An opaque access token whose introspection answers alice's active token with
+        ``answer`` changes applied (``{"active": False}`` for a revoked one)."""
+        now = int(time.time())
+        token = secrets.token_urlsafe(32)
+        honest: dict[str, Any] = {
+            "active": True,
+            "iss": self.issuer,
+            "sub": SUB,
+            "aud": "https://api.test",
+            "client_id": "api-client",
+            "token_type": "Bearer",
+            "iat": now,
+            "exp": now + 300,
+            "preferred_username": "alice",
+            "groups": ["eng"],
+        }
+        self.introspection[token] = _apply(honest, answer or {}, now)
+        self.issued.append(token)
+        return token
+
     # ------------------------------------------------------------------ endpoints
 
     async def _discovery(self, request: web.Request) -> web.Response:
         self.calls["discovery"] += 1
         doc: dict[str, Any] = {
-            "issuer": self.issuer,
+            "issuer": self.published_issuer,
             "authorization_endpoint": f"{self.issuer}/authorize",
             "token_endpoint": f"{self.issuer}/token",
             "jwks_uri": f"{self.issuer}/jwks",
@@ -264,10 +399,13 @@ class AdversarialProvider:
             "id_token_signing_alg_values_supported": list(self.algs),
             "token_endpoint_auth_methods_supported": [self.client_auth],
             "code_challenge_methods_supported": ["S256"],
+            "introspection_endpoint": f"{self.issuer}/introspect",
             "scopes_supported": ["openid", "email", "profile", "groups"],
         }
         if self.iss_parameter_supported:
             doc["authorization_response_iss_parameter_supported"] = True
+        if self.end_session:
+            doc["end_session_endpoint"] = f"{self.issuer}/logout"
         return web.json_response(doc)
 
     async def _jwks(self, request: web.Request) -> web.Response:
@@ -314,7 +452,7 @@ class AdversarialProvider:
         if "state" in query:
             params.append(("state", query["state"]))
         if script.authorize_iss == "issuer":
-            params.append(("iss", self.issuer))
+            params.append(("iss", self.published_issuer))
         elif script.authorize_iss is not None:
             params.append(("iss", script.authorize_iss))
         location = f"{self.redirect_uri}?{urlencode(params)}"
@@ -384,6 +522,8 @@ class AdversarialProvider:
                 status=401,
                 headers={"WWW-Authenticate": 'Basic realm="token"'},
             )
+        if form.get("grant_type") == "refresh_token":
+            return self._refresh(form)
         if form.get("grant_type") != "authorization_code":
             return web.json_response({"error": "unsupported_grant_type"}, status=400)
         grant = self._grants.pop(form.get("code", ""), None)  # single use
@@ -398,6 +538,8 @@ class AdversarialProvider:
             )
         now = int(time.time())
         access_token = secrets.token_urlsafe(24)
+        if script.login_access_token is not None:
+            access_token = self.login_access_jwt(script.login_access_token, now)
         self._access_tokens.add(access_token)
         id_token = self.id_token(self.claims_for(grant, now), now)
         self.issued += [access_token, id_token]
@@ -407,7 +549,42 @@ class AdversarialProvider:
             "expires_in": 300,
             "id_token": id_token,
         }
+        if script.refresh_token:
+            refresh_token = secrets.token_urlsafe(24)
+            self._refresh_tokens[refresh_token] = replace(grant, nonce=None)
+            self.issued.append(refresh_token)
+            doc["refresh_token"] = refresh_token
         return web.json_response(_apply(doc, script.token_response, now))
+
+    def _refresh(self, form: Mapping[str, str]) -> web.Response:
+        """A refresh token grant: a new access token, a rotated refresh token and no ID token
+        unless the script says otherwise. A refresh token not rotated stays valid."""
+        self.refresh_forms.append(dict(form))
+        script = self.script
+        old = form.get("refresh_token", "")
+        grant = self._refresh_tokens.get(old)
+        if grant is None:
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        now = int(time.time())
+        access_token = secrets.token_urlsafe(24)
+        self._access_tokens.add(access_token)
+        new_refresh = secrets.token_urlsafe(24)
+        self.issued += [access_token, new_refresh]
+        doc: dict[str, Any] = {
+            "access_token": access_token,
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "refresh_token": new_refresh,
+        }
+        if script.refresh_id_token:
+            claims = _apply(self.claims_for(grant, now), script.refresh_claims, now)
+            doc["id_token"] = self.id_token(claims, now)
+            self.issued.append(doc["id_token"])
+        doc = _apply(doc, script.refresh_response, now)
+        if doc.get("refresh_token") == new_refresh:  # rotated: the old one is spent
+            del self._refresh_tokens[old]
+            self._refresh_tokens[new_refresh] = grant
+        return web.json_response(doc)
 
     async def _userinfo(self, request: web.Request) -> web.Response:
         self.calls["userinfo"] += 1
@@ -428,3 +605,88 @@ class AdversarialProvider:
             "groups": ["eng"],
         }
         return web.json_response(_apply(claims, self.script.userinfo, int(time.time())))
+
+    async def _introspect(self, request: web.Request) -> web.Response:
+        """RFC 7662: the scripted failure or hang, else the token's entry for an
+        authenticated client (401 for anyone else, as the RFC requires)."""
+        self.calls["introspect"] += 1
+        script = self.script
+        if script.introspection_hang:
+            release = self._release
+            assert release is not None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), timeout=HANG_LIMIT)
+            return web.Response(status=504, text="held")
+        if script.introspection_failure is not None:
+            failure = script.introspection_failure
+            return web.Response(
+                status=failure.status, body=failure.body, content_type=failure.content_type
+            )
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        if self._authenticate_client(request, form) != self.client_auth:
+            return web.json_response({"error": "invalid_client"}, status=401)
+        answer = self.introspection.get(form.get("token", ""), {"active": False})
+        return web.json_response(answer)
+
+    # ------------------------------------------------------------------ claims and groups
+
+    def login_access_jwt(self, changes: Mapping[str, Value], now: int) -> str:
+        """The login's access token as a JWT, Keycloak style: ``azp`` our client, ``aud``
+        "account", with ``changes`` applied and the script's key and signature."""
+        honest: dict[str, Any] = {
+            "iss": self.published_issuer,
+            "sub": SUB,
+            "aud": "account",
+            "azp": self.client_id,
+            "typ": "Bearer",
+            "iat": now,
+            "exp": now + 300,
+        }
+        claims = _apply(honest, changes, now)
+        key = self.script.login_access_key or self.signing_key
+        alg = "ES256" if key.key_type == "EC" else "RS256"
+        header: dict[str, Any] = {"typ": "JWT", "alg": alg}
+        if key.kid is not None:
+            header["kid"] = key.kid
+        head, body = json.dumps(header).encode(), json.dumps(claims).encode()
+        signing_input = f"{b64url(head)}.{b64url(body)}"
+        model = jws.JWSRegistry.algorithms[alg]
+        signature = bytearray(model.sign(signing_input.encode(), key))
+        if self.script.login_access_signature == "corrupt":
+            signature[len(signature) // 2] ^= 0x01
+        return f"{signing_input}.{b64url(bytes(signature))}"
+
+    async def _graph_member_of(self, request: web.Request) -> web.Response:
+        """Microsoft Graph's ``/me/transitiveMemberOf``, paged by ``$skiptoken``, for a
+        bearer access token this provider issued."""
+        self.calls["graph"] += 1
+        script = self.script
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or token not in self._access_tokens:
+            return web.json_response({"error": {"code": "InvalidAuthenticationToken"}}, status=401)
+        if script.graph_status != 200:
+            return web.json_response(
+                {"error": {"code": "ServiceUnavailable"}}, status=script.graph_status
+            )
+        if script.graph_groups is None:
+            return web.json_response({"error": {"code": "Request_ResourceNotFound"}}, status=404)
+        start = int(request.query.get("$skiptoken", "0"))
+        size = script.graph_page_size
+        page = script.graph_groups[start : start + size]
+        doc: dict[str, Any] = {
+            "value": [{"@odata.type": "#microsoft.graph.group", "id": g} for g in page]
+            # A directory role is a membership too, but not a group.
+            + [{"@odata.type": "#microsoft.graph.directoryRole", "id": "role-global-admin"}],
+        }
+        if start + size < len(script.graph_groups):
+            origin = script.graph_next_origin or f"{request.scheme}://{request.host}"
+            doc["@odata.nextLink"] = (
+                f"{origin}/v1.0/me/transitiveMemberOf?$select=id&$skiptoken={start + size}"
+            )
+        return web.json_response(doc)
+
+    async def _claim_source(self, request: web.Request) -> web.Response:
+        """A distributed-claims endpoint as named in a token's ``_claim_sources``: a gateway
+        must never call it (it would grant "admins" if it did)."""
+        self.calls["claim_source"] += 1
+        return web.json_response({"groups": ["admins"]})

@@ -20,7 +20,7 @@ import json
 import os
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,9 +93,11 @@ async def running_world(
     keys: list[Key],
     gateway_auth: str = "client_secret_basic",
     provider_extra: dict[str, Any] | None = None,
+    adjust: Callable[[AdversarialProvider, dict[str, Any]], None] | None = None,
     **provider_options: Any,
 ) -> AsyncIterator[World]:
-    """Start the provider, then a gateway whose discovery it serves; stop both afterwards."""
+    """Start the provider, then a gateway whose discovery it serves; stop both afterwards.
+    ``adjust`` may change the gateway's config once the provider's address is known."""
     port = free_port()
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     prefix = f"adversarial:{worker}:{name}:{uuid.uuid4().hex[:8]}:"
@@ -119,6 +121,8 @@ async def running_world(
             # A short provider timeout keeps the token-timeout case (and the suite) quick.
             provider_extra={"timeout": "2s", **(provider_extra or {})},
         )
+        if adjust is not None:
+            adjust(provider, config)
         gateway = await start_gateway(config, directory=directory / name)
         try:
             yield World(name, provider, gateway, upstream, redis, prefix)

@@ -27,6 +27,10 @@
 //   OP_POST_LOGOUT_URIS    comma separated [the redirect URIs' origins + "/"]
 //   OP_TOKEN_AUTH          its token_endpoint_auth_method [client_secret_basic]
 //
+// API tokens: a client registered with grant_types [client_credentials] (or any grant) and
+// asking with resource=<https or urn URI> gets a JWT access token (RFC 9068) with that aud
+// (an opaque one for urn:opaque:* resources).
+//
 // GET /_test/counts answers {"token": {GRANT_TYPE: calls}}: token endpoint calls so far,
 // so a test can count refreshes (use a private OP from oidc_provider_factory).
 //
@@ -186,6 +190,26 @@ const configuration = {
     backchannelLogout: { enabled: true },
     introspection: { enabled: true },
     userinfo: { enabled: true },
+    // API access tokens (the gateway's routes[].bearer): a client registered with the
+    // client_credentials grant gets a token for the resource it names (RFC 8707), and any
+    // token requested with `resource=` is a JWT (RFC 9068) whose aud is that resource.
+    // Without `resource` nothing changes: opaque tokens for userinfo, as before.
+    clientCredentials: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      defaultResource: async (ctx, client, oneOf) => oneOf,
+      useGrantedResource: async () => false,
+      async getResourceServerInfo(ctx, resourceIndicator) {
+        if (!/^(https?|urn):/.test(resourceIndicator)) throw new errors.InvalidTarget();
+        return {
+          scope: 'api:read api:write',
+          audience: resourceIndicator,
+          // urn:opaque:* resources get opaque tokens, for introspection (RFC 7662) tests.
+          accessTokenFormat: resourceIndicator.startsWith('urn:opaque:') ? 'opaque' : 'jwt',
+          jwt: { sign: { alg: 'RS256' } },
+        };
+      },
+    },
     rpInitiatedLogout: {
       enabled: true,
       // A plain form a program can submit: the "yes" button sits inside the form.
