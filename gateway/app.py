@@ -50,6 +50,7 @@ from gateway.observability import (
 )
 from gateway.pages import Pages
 from gateway.proxy import UpstreamProxy
+from gateway.session_cache import InvalidatingStore, with_cache
 from gateway.store import SessionStore, store_from_config
 
 log = logging.getLogger("gateway")
@@ -136,7 +137,9 @@ class Parts:
 
     @staticmethod
     def _store(config: Config, metrics: Metrics) -> tuple[SessionStore, dict[str, Any]]:
-        return MeteredStore(make_store(config), metrics), _store_settings(config)
+        raw = make_store(config)
+        store = with_cache(MeteredStore(raw, metrics), raw, config.session, metrics)
+        return store, _store_settings(config)
 
     @staticmethod
     def _provider(
@@ -180,6 +183,7 @@ def build_gateway(
         metrics=metrics,
         clock=clock,
         assertion_keys=parts.assertion_keys,
+        session_cache=parts.store.cache if isinstance(parts.store, InvalidatingStore) else None,
     )
 
 

@@ -707,6 +707,21 @@ class RedisStore:
         except self._FAILURES as exc:
             raise self._error(op, exc) from exc
 
+    # -- pub/sub, for the session cache's invalidations (gateway/session_cache.py)
+
+    def channel(self, name: str) -> str:
+        """A pub/sub channel named under this store's key prefix, so that gateways sharing a
+        Redis under different prefixes do not hear each other."""
+        return self._key(name)
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        await self._call("PUBLISH", self._client.publish(channel, message))
+
+    def pubsub(self) -> Any:
+        """A new subscriber connection (redis-py PubSub; ClusterPubSub on a Cluster, where a
+        PUBLISH reaches every node)."""
+        return self._client.pubsub()
+
     async def get(self, key: str) -> bytes | None:
         value = await self._call("GET", self._client.get(self._key(key)))
         return self._bytes_or_none("GET", value)

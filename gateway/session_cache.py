@@ -1,0 +1,480 @@
+"""An in-process cache of sessions, kept correct across processes by Redis pub/sub.
+
+Every signed-in request needs its session. Without a cache that is a Redis GET plus the AES-GCM
+open and the JSON decode of the sealed session, about a third of the gateway's CPU time per
+request. With it, a session seen in the last ``session.cache.ttl`` seconds comes from memory,
+after one shared ping (below) instead of a read per request.
+
+What keeps it correct (a revoked session is refused by every process from the moment the
+revocation is answered, and a broken Redis still means 503):
+
+* Every write or delete of a session key goes through :class:`InvalidatingStore`, which drops
+  the entry here at once and then publishes the key on the channel ``<key_prefix>invalidate``.
+  A write is not done until that publish is: if it fails, the operation fails (503) and the
+  caller tries again, so no process keeps a revoked session because a message was never sent.
+* Each process subscribes to that channel (:meth:`SessionCache.run`) and drops what it hears.
+* Before a request uses the cache, Redis must answer a ping sent on that subscription after
+  the request arrived (:meth:`SessionCache.confirmed`; one ping serves every request of the
+  same event-loop turn). Redis runs one command at a time and sends a subscriber its messages
+  in order, so by that pong every invalidation published earlier has been applied here. A hung
+  Redis answers no ping: 503 after ``session.redis_timeout``, as a read would be.
+* Without a live subscription (not yet subscribed, the connection closed, pings unanswered for
+  :data:`ALIVE_FOR`) the cache is dropped and not used: every request reads Redis, as with no
+  cache, until a new subscription is confirmed.
+* A read racing an invalidation never fills the cache with the old value: the fill is refused
+  when the key was invalidated after the read began (:meth:`SessionCache.begin`).
+* An entry lives at most ``ttl`` seconds whatever happens, and the cache holds at most
+  ``max_entries`` sessions (oldest out first). Absent sessions are never cached, so random
+  cookies cannot fill it.
+
+The cached value is the sealed blob as Redis returned it, plus the session it opened to and a
+SHA-256 digest of the cookie secret that opened it. A request whose secret has the same digest
+(compared in constant time) gets that session without opening the blob again; any other secret
+goes through the full AES-GCM open, which fails for a wrong one.
+
+The memory store lives in one process and needs no subscription: :class:`SessionCache` with
+no ``bus`` is always usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from gateway.config import SessionConfig
+from gateway.errors import SessionStoreError
+from gateway.models import Session
+from gateway.observability import Metrics
+from gateway.store import RedisStore, SessionStore
+
+log = logging.getLogger("gateway.session_cache")
+
+SESSION_KEY_PREFIX: Final = "s:"
+# How often the subscription is pinged, and how recent its last sign of life must be for the
+# cache to be used. ALIVE_FOR bounds how long a lost invalidation can go unnoticed.
+PING_EVERY: Final = 0.25
+ALIVE_FOR: Final = 0.9
+RETRY_EVERY: Final = 0.5
+
+
+class Bus(Protocol):
+    """The pub/sub side of the Redis store (:class:`gateway.store.RedisStore`)."""
+
+    async def publish(self, channel: str, message: bytes) -> None: ...
+
+    def pubsub(self) -> Any: ...
+
+    def channel(self, name: str) -> str: ...
+
+
+def secret_digest(secret: bytes) -> bytes:
+    return hashlib.sha256(secret).digest()
+
+
+@dataclass(slots=True)
+class _Entry:
+    blob: bytes
+    expires: float
+    digest: bytes | None = None
+    session: Session | None = None
+
+
+class _Batch:
+    """The requests that one ping confirms."""
+
+    __slots__ = ("timer", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters: list[asyncio.Future[bool]] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    def settle(self, result: bool) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        for waiter in self.waiters:
+            if not waiter.done():  # a request whose client went away is cancelled
+                waiter.set_result(result)
+
+    def fail(self, error: Exception) -> None:
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+
+
+class SessionCache:
+    """Recently read sessions of this process; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        *,
+        ttl: float,
+        max_entries: int,
+        bus: Bus | None = None,
+        deadline: float = 1.0,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self.deadline = deadline
+        self.max_entries = max_entries
+        self._bus = bus
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        # key -> the token of the read in progress; an invalidation removes it (begin/fill).
+        self._loading: dict[str, object] = {}
+        # Monotonic time of the subscription's last sign of life; -inf while not subscribed.
+        self._alive_at = -float("inf")
+        # Whether the subscription's socket has seen the server close it. Asked on every use,
+        # so a Redis that just went away stops the cache before the listener task even runs.
+        self._closed: Callable[[], bool] | None = None
+        # The subscribed connection (None while there is none), and the confirmations
+        # (confirmed()): requests waiting for the next ping, and pings awaiting their pong.
+        self._pubsub: Any = None
+        self._pending: _Batch | None = None
+        self._in_flight: dict[bytes, _Batch] = {}
+        self._sequence = 0
+        self._sends: set[asyncio.Task[None]] = set()
+        self.channel = bus.channel("invalidate") if bus is not None else ""
+        self._hits = metrics.session_cache.labels("hit") if metrics else None
+        self._misses = metrics.session_cache.labels("miss") if metrics else None
+        self._live = metrics.session_cache_live if metrics else None
+        if self._live is not None:
+            self._live.set(1 if bus is None else 0)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def usable(self) -> bool:
+        if self._bus is None:
+            return True
+        closed = self._closed
+        if closed is not None and closed():
+            return False
+        return self._clock() - self._alive_at < ALIVE_FOR
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._loading.clear()
+
+    # ------------------------------------------------------------------ reads
+
+    def lookup(self, key: str) -> _Entry | None:
+        """The live entry of ``key`` when the cache may be trusted now, else None."""
+        entry = self._entries.get(key)
+        if entry is not None and (entry.expires <= self._clock() or not self.usable):
+            del self._entries[key]
+            entry = None
+        counter = self._misses if entry is None else self._hits
+        if counter is not None:
+            counter.inc()
+        return entry
+
+    def begin(self, key: str) -> object:
+        """Mark the start of a store read of ``key``; pass the token to :meth:`fill`."""
+        token = object()
+        self._loading[key] = token
+        return token
+
+    def fill(self, key: str, token: object, blob: bytes | None) -> _Entry | None:
+        """Keep what the read of ``key`` returned, unless ``key`` was invalidated (or another
+        read began) since :meth:`begin`, or the cache may not be trusted now."""
+        if self._loading.get(key) is not token:
+            return None
+        del self._loading[key]
+        if blob is None or not self.usable:
+            return None
+        entries = self._entries
+        if key not in entries and len(entries) >= self.max_entries:
+            del entries[next(iter(entries))]
+        entry = _Entry(blob, self._clock() + self.ttl)
+        entries[key] = entry
+        return entry
+
+    @staticmethod
+    def opened(entry: _Entry, secret: bytes) -> Session | None:
+        """The session ``entry`` opened to for this same secret, if it did."""
+        if entry.session is None or entry.digest is None:
+            return None
+        if hmac.compare_digest(entry.digest, secret_digest(secret)):
+            return entry.session
+        return None
+
+    @staticmethod
+    def remember(entry: _Entry, secret: bytes, session: Session) -> None:
+        entry.digest = secret_digest(secret)
+        entry.session = session
+
+    # ------------------------------------------------------------------ confirmation
+
+    async def confirmed(self) -> bool:
+        """True once Redis has answered a ping sent after this call began; False when there
+        is no live subscription (read the store instead). SessionStoreError when Redis does
+        not answer within the store's deadline (a hung Redis: 503, as a read would).
+
+        Redis handles commands one at a time and sends a subscriber its messages in order,
+        so the pong comes after every invalidation published before the ping: once this
+        returns True, no session revoked before the request arrived is still here. All
+        requests of one event-loop turn share one ping.
+        """
+        if self._bus is None:
+            return True
+        if not self.usable or self._pubsub is None:
+            return False
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        batch = self._pending
+        if batch is None:
+            batch = self._pending = _Batch()
+            loop.call_soon(self._send_pending)
+        batch.waiters.append(waiter)
+        return await waiter
+
+    def _send_pending(self) -> None:
+        batch, self._pending = self._pending, None
+        if batch is None:
+            return
+        pubsub = self._pubsub
+        if pubsub is None or not self.usable:
+            batch.settle(False)
+            return
+        self._sequence += 1
+        token = b"c%d" % self._sequence
+        self._in_flight[token] = batch
+        loop = asyncio.get_running_loop()
+        batch.timer = loop.call_later(self.deadline, self._expire, token)
+        task = loop.create_task(self._send_ping(pubsub, token))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _send_ping(self, pubsub: Any, token: bytes) -> None:
+        try:
+            await pubsub.ping(token)
+        except Exception:  # the listener sees the broken connection too
+            batch = self._in_flight.pop(token, None)
+            if batch is not None:
+                batch.settle(False)
+
+    def _expire(self, token: bytes) -> None:
+        batch = self._in_flight.pop(token, None)
+        if batch is not None:
+            batch.fail(
+                SessionStoreError(
+                    f"The session store did not answer within {self.deadline:g} s; try again."
+                )
+            )
+
+    def _settle_all(self) -> None:
+        """The subscription is gone: every waiting request reads the store instead."""
+        batches = list(self._in_flight.values())
+        if self._pending is not None:
+            batches.append(self._pending)
+        self._in_flight.clear()
+        self._pending = None
+        for batch in batches:
+            batch.settle(False)
+
+    # ------------------------------------------------------------------ invalidation
+
+    def invalidate(self, key: str) -> None:
+        self._entries.pop(key, None)
+        self._loading.pop(key, None)
+
+    async def announce(self, key: str) -> None:
+        """Tell every process (this one included, already done) that ``key`` changed."""
+        self.invalidate(key)
+        if self._bus is not None:
+            await self._bus.publish(self.channel, key.encode())
+
+    async def run(self) -> None:
+        """Keep the subscription (and with it the cache) alive until cancelled."""
+        bus = self._bus
+        if bus is None:
+            return
+        while True:
+            pubsub = bus.pubsub()
+            try:
+                await self._listen(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure: bypass the cache, then retry
+                if self._alive_at != -float("inf"):
+                    log.warning(
+                        "session cache off: invalidation channel lost; reading Redis "
+                        "until it is back",
+                        extra={"error": type(exc).__name__},
+                    )
+            finally:
+                self._closed = None
+                self._pubsub = None
+                self._settle_all()
+                self._set_alive(-float("inf"))
+                self.clear()
+                with contextlib.suppress(Exception):
+                    # Not back into the pool with no retries: a fresh connection next time.
+                    if pubsub.connection is not None:
+                        await pubsub.connection.disconnect()
+                        if hasattr(pubsub, "own_retry"):
+                            pubsub.connection.retry = pubsub.own_retry
+                    await pubsub.aclose()
+            await asyncio.sleep(RETRY_EVERY)
+
+    async def _listen(self, pubsub: Any) -> None:
+        await asyncio.wait_for(pubsub.subscribe(self.channel), ALIVE_FOR)
+        # redis-py would quietly reconnect and resubscribe after a lost connection, and the
+        # messages sent meanwhile would be lost without a word. No retries on this connection:
+        # a lost connection surfaces here at once (the cache is dropped, then resubscribed).
+        # (The pool's retry is put back before the connection returns to the pool, in run.)
+        pubsub.own_retry = pubsub.connection.retry
+        pubsub.connection.retry = Retry(NoBackoff(), 0)
+        # redis-py keeps the asyncio StreamReader private; without it, the ping timer alone
+        # notices a closed connection (within ALIVE_FOR).
+        reader = getattr(pubsub.connection, "_reader", None)
+        at_eof = getattr(reader, "at_eof", None)
+        self._closed = at_eof if callable(at_eof) else None
+        self._pubsub = pubsub
+        # Messages sent before the subscription took effect are lost: start from nothing.
+        self.clear()
+        pinged = -float("inf")
+        started = self._clock()
+        while True:
+            now = self._clock()
+            if now - pinged >= PING_EVERY:
+                await asyncio.wait_for(pubsub.ping(), ALIVE_FOR)
+                pinged = now
+            message = await pubsub.get_message(timeout=PING_EVERY)
+            if message is None:
+                if self._clock() - max(self._alive_at, started) >= ALIVE_FOR:
+                    # Pings unanswered: a connection that went silent. Start over.
+                    raise TimeoutError("the invalidation channel stopped answering pings")
+                continue
+            kind = message.get("type")
+            if kind == "message":
+                data = message.get("data")
+                if isinstance(data, bytes):
+                    self.invalidate(data.decode("utf-8", "replace"))
+                self._set_alive(self._clock())
+            elif kind == "pong":
+                self._set_alive(self._clock())
+                data = message.get("data")
+                batch = self._in_flight.pop(data, None) if isinstance(data, bytes) else None
+                if batch is not None:
+                    batch.settle(True)
+            elif kind == "subscribe":
+                self._set_alive(self._clock())
+
+    def _set_alive(self, at: float) -> None:
+        was = self._alive_at
+        self._alive_at = at
+        if self._live is not None and (was == -float("inf")) != (at == -float("inf")):
+            self._live.set(0 if at == -float("inf") else 1)
+
+
+def with_cache(
+    store: SessionStore,
+    raw: SessionStore,
+    settings: SessionConfig,
+    metrics: Metrics | None = None,
+) -> SessionStore:
+    """``store`` with a session cache in front (``session.cache``), or as it is when the cache
+    is off. ``raw`` is the store at the bottom of ``store``'s wrappers: a Redis store gives the
+    cache its invalidation channel; the memory store, one process, needs none. Must be called
+    with an event loop running (the subscription starts at once)."""
+    if settings.cache.ttl <= 0:
+        return store
+    bus = raw if isinstance(raw, RedisStore) else None
+    cache = SessionCache(
+        ttl=settings.cache.ttl,
+        max_entries=settings.cache.max_entries,
+        bus=bus,
+        deadline=settings.redis_timeout,
+        metrics=metrics,
+    )
+    return InvalidatingStore(store, cache)
+
+
+class InvalidatingStore:
+    """The session store, with every write or delete of a session key announced to the
+    cache of every process (:meth:`SessionCache.announce`) before it counts as done."""
+
+    def __init__(self, inner: SessionStore, cache: SessionCache) -> None:
+        self.inner = inner
+        self.cache = cache
+        self._listener = asyncio.create_task(cache.run(), name="session-cache-invalidations")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def _changed(self, key: str) -> None:
+        if key.startswith(SESSION_KEY_PREFIX):
+            try:
+                await self.cache.announce(key)
+            except SessionStoreError:
+                raise
+            except Exception as exc:
+                raise SessionStoreError(
+                    "The session store could not tell the other gateway processes about a "
+                    "session change; try again."
+                ) from exc
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.inner.get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        self.cache.invalidate(key)
+        await self.inner.set(key, value, ttl)
+        await self._changed(key)
+
+    async def delete(self, key: str) -> None:
+        self.cache.invalidate(key)
+        await self.inner.delete(key)
+        await self._changed(key)
+
+    async def pop(self, key: str) -> bytes | None:
+        self.cache.invalidate(key)
+        value = await self.inner.pop(key)
+        await self._changed(key)
+        return value
+
+    async def set_new(self, key: str, value: bytes, ttl: float) -> bool:
+        done = await self.inner.set_new(key, value, ttl)
+        if done:
+            await self._changed(key)
+        return done
+
+    async def delete_if(self, key: str, value: bytes) -> bool:
+        done = await self.inner.delete_if(key, value)
+        if done:
+            await self._changed(key)
+        return done
+
+    async def index_put(self, key: str, member: str, value: bytes, ttl: float) -> None:
+        await self.inner.index_put(key, member, value, ttl)
+
+    async def index_get(self, key: str) -> dict[str, bytes]:
+        return await self.inner.index_get(key)
+
+    async def index_remove(self, key: str, *members: str) -> None:
+        await self.inner.index_remove(key, *members)
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def close(self) -> None:
+        self._listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._listener
+        self.cache.clear()
+        await self.inner.close()
