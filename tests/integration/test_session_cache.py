@@ -114,7 +114,7 @@ async def test_signed_in_requests_are_served_from_memory(world: World, redis_tar
     assert hits >= 28
 
 
-async def test_sign_out_on_one_gateway_ends_the_session_on_the_other_within_a_second(
+async def test_sign_out_on_one_gateway_ends_the_session_on_the_other_at_once(
     world: World, redis_target: Any
 ) -> None:
     gw_a, gw_b = await world.pair(redis_target.url, redis_target.prefix)
@@ -127,8 +127,9 @@ async def test_sign_out_on_one_gateway_ends_the_session_on_the_other_within_a_se
         async with http.get(f"{gw_a.url}/oauth2/sign_out", headers={"Cookie": cookie},
                             allow_redirects=False) as r:
             assert r.status == 302
-        took = await wait_until_refused(http, gw_b, cookie)
-    assert took < REVOCATION_BOUND
+        # Not "soon": B's very next request is refused (its cache use waits for a ping that
+        # Redis answers after the invalidation it sent B).
+        assert await status(http, gw_b, cookie) == 401
 
 
 async def test_lost_subscription_turns_the_cache_off_until_it_is_back(
