@@ -142,6 +142,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-case", default="get",
                    help="the case whose load is profiled: get, get1m, post10m, redirect or "
                         "api401 [get]")
+    p.add_argument("--soak", type=int, default=0, metavar="SECONDS",
+                   help="after the runs, hold the signed-in GET load this long (in 10 s slices) "
+                        "and report the gateway's RSS after each slice, to show it stays flat "
+                        "[off; the issue asks for 300]")
     p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     p.add_argument("--keep", action="store_true", help="keep the run folder (logs, configs)")
     return p
@@ -163,6 +167,7 @@ class Options:
     profile_case: Case
     pause: float
     gateway_src: Path
+    soak: int = 0
 
 
 def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Options:
@@ -184,6 +189,8 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Optio
             parser.error(f"--{name.replace('_', '-')} must be 1..1000")
     if not 0 <= args.profile_seconds <= 60:
         parser.error("--profile-seconds must be 0..60")
+    if not 0 <= args.soak <= 3600:
+        parser.error("--soak must be 0..3600 s")
     profile_case = next((c for c in CASES if c.key == args.profile_case and not c.is_login),
                         None)
     if profile_case is None:
@@ -218,7 +225,8 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Optio
     return Options(duration, warmup, logins, sessions, args.connections, args.upload_connections,
                    args.threads, cases, tuple(compares), settings, args.profile_seconds,
                    profile_case,
-                   pause=0.2 if smoke else 1.0, gateway_src=_gateway_src(args.gateway_src, parser))
+                   pause=0.2 if smoke else 1.0, gateway_src=_gateway_src(args.gateway_src, parser),
+                   soak=args.soak)
 
 
 def _gateway_src(path: Path, parser: argparse.ArgumentParser) -> Path:
@@ -362,6 +370,39 @@ def _sessions_rss(h: Harness, cookie: str, count: int, memory: Memory) -> None:
     memory.sealed_bytes = float(result["blob_bytes"])
     _say(f"sessions  {count:,} in the memory store: {memory.bytes_per_session:,.0f} bytes each "
          f"({result['seconds']} s)")
+
+
+SOAK_SLICE = 10  # seconds of load between two RSS readings
+
+
+def _soak(h: Harness, cookie: str, opts: Options) -> list[str]:
+    """The signed-in GET for ``opts.soak`` seconds in slices; the gateway's RSS after each.
+
+    A leak shows as RSS that keeps growing slice after slice at a steady load; the first
+    slices may grow while pools and caches fill, so the verdict compares the last reading with
+    the one a fifth of the way in."""
+    case = next(c for c in CASES if c.key == "get")
+    req = _request(case, cookie)
+    slices = max(1, opts.soak // SOAK_SLICE)
+    readings: list[int] = []
+    requests = errors = 0
+    for _ in range(slices):
+        result = run_wrk(h.gateway_url, req, duration=SOAK_SLICE, connections=opts.connections,
+                         threads=opts.threads)
+        requests += result.requests
+        errors += result.errors
+        readings.append(tree_status_kib(h.gateway_pid, "VmRSS")[0])
+    settled = readings[len(readings) // 5]
+    growth = readings[-1] - settled
+    rate = requests / (slices * SOAK_SLICE)
+    mib = ", ".join(f"{r / 1024:.1f}" for r in readings)
+    _say(f"soak      {slices * SOAK_SLICE} s at {rate:,.0f} req/s: RSS {mib} MiB")
+    return [
+        f"Soak: {slices * SOAK_SLICE} s of signed-in GET at {rate:,.0f} req/s "
+        f"({requests:,} requests, {errors} errors). Gateway RSS after each {SOAK_SLICE} s "
+        f"(MiB): {mib}. From the reading at {(len(readings) // 5 + 1) * SOAK_SLICE} s to the "
+        f"end: **{growth / 1024:+.1f} MiB** ({100 * growth / max(settled, 1):+.1f} %).",
+    ]
 
 
 def _profile(h: Harness, cookie: str, opts: Options) -> list[str]:
@@ -530,6 +571,8 @@ def run(opts: Options, run_dir: Path) -> tuple[Report, bool]:
         if opts.sessions:
             _sessions_rss(h, ours_cookie, opts.sessions, memory)
         profile = _profile(h, ours_cookie, opts) if opts.profile_seconds else []
+        if opts.soak and ours_cookie:
+            profile = [*_soak(h, ours_cookie, opts), *([""] if profile else []), *profile]
         gateway_alive = h.gateway is not None and h.gateway.alive()
     conns = f"-c{opts.connections}"
     if any(c.upload_bytes for c in opts.cases):

@@ -106,6 +106,8 @@ from gateway.sessions import (
 from gateway.store import SessionStore
 
 log = logging.getLogger("gateway")
+# Identity header lists kept per Gateway (_identity_headers), oldest out first.
+_HEADER_PLANS = 4096
 access_log = logging.getLogger("gateway.access")
 audit_log = logging.getLogger("gateway.audit")
 
@@ -298,6 +300,11 @@ class Gateway:
         # Session id → the refresh in flight in this process: concurrent requests of one
         # session await the same one (plus a store lock across processes, _refresh).
         self._refreshing: dict[str, asyncio.Task[Session | None]] = {}
+        # (route, id(identity), access token) -> (identity, its identity headers); the
+        # identity is kept so that its id cannot be reused by another object meanwhile.
+        self._header_plans: dict[
+            tuple[str, int, str | None], tuple[Identity, tuple[tuple[str, str], ...]]
+        ] = {}
         # Routes with bearer: (API clients): their tokens' checks and introspection cache.
         self.bearer = BearerAuthenticator(config, idp, clock=clock)
 
@@ -812,8 +819,20 @@ class Gateway:
                 lifetime=settings.lifetime,
                 jti=base64.urlsafe_b64encode(self.token_bytes(16)).decode().rstrip("="),
             )
+        if assertion is None and identity is not None:
+            # The same user's next request builds the same headers: computed once per cached
+            # Session's identity (the object, so a refreshed session is planned anew).
+            memo_key = (route.name, id(identity), access_token)
+            memo = self._header_plans.get(memo_key)
+            if memo is not None and memo[0] is identity:
+                return list(memo[1])
         plan = plan_with_assertion(
             identity, access_token, self.identity_rules[route.name], assertion)
+        if assertion is None and identity is not None and not plan.trimmed:
+            plans = self._header_plans
+            if len(plans) >= _HEADER_PLANS:
+                del plans[next(iter(plans))]
+            plans[memo_key] = (identity, tuple(plan.headers))
         if plan.trimmed:
             log.warning(
                 "identity headers cut to fit headers.max_bytes",
