@@ -564,7 +564,9 @@ class Gateway:
                 return self._refresh_failed(session, ticket, now, exc)
             except ProviderUnavailable as exc:
                 return self._refresh_failed(session, ticket, now, exc)
-            session = replace(touched(session, now), tokens=tokens)
+            identity = await self.idp.identity_after_refresh(
+                session.identity, session.tokens, tokens)
+            session = replace(touched(session, now), tokens=tokens, identity=identity)
             await self._save(ticket, session, now)
             log.info("tokens refreshed", extra={"session": short_hash(ticket.session_id)})
             return session

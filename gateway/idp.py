@@ -450,6 +450,45 @@ class IdentityProvider:
         identity = await self.identity_for_login(claims, info, tokens.access_token)
         return identity, tokens, claims
 
+    async def identity_after_refresh(
+        self, identity: Identity, old: TokenSet, fresh: TokenSet
+    ) -> Identity:
+        """Who the user is after a refresh: rebuilt like at login when the provider sent a new
+        ID token (a user removed from a group loses it now, not at the session's end), with
+        groups re-read from the new access token when they come from it; else unchanged.
+
+        ``fresh`` comes from :meth:`refresh`, which already refused an ID token for another
+        subject. A rebuild that cannot be done (userinfo down) keeps the old identity: the
+        new tokens must be saved whatever happens, or a rotated refresh token is lost.
+        """
+        new_id_token = fresh.id_token != old.id_token
+        new_access = (
+            "access_token" in self.config.claims.groups_from
+            and fresh.access_token is not None
+            and fresh.access_token != old.access_token
+        )
+        if not new_id_token and not new_access:
+            return identity
+        try:
+            if new_id_token:
+                claims: Mapping[str, Any] = await self.validate_id_token(
+                    fresh.id_token, nonce=None
+                )
+                info = await self.userinfo(fresh.access_token)
+            else:
+                # The ID token is the old one (maybe expired by now): its claims as kept.
+                claims, info = identity.claims, None
+            rebuilt = await self.identity_for_login(claims, info, fresh.access_token)
+        except (OIDCError, ProviderUnavailable) as exc:
+            log.warning("identity not updated after a token refresh; keeping the previous one",
+                        extra={"reason": exc.reason, "user": identity.user})
+            return identity
+        if rebuilt.sub != identity.sub:  # refresh() checks this; never trust it to be so
+            log.warning("refreshed identity is for another subject; keeping the previous one",
+                        extra={"user": identity.user})
+            return identity
+        return rebuilt
+
     async def identity_for_login(
         self, claims: Mapping[str, Any], info: Mapping[str, Any] | None, access_token: str | None
     ) -> Identity:

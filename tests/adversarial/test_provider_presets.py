@@ -582,6 +582,33 @@ async def test_refresh_with_an_id_token_for_the_same_sub_continues(generic: Worl
     assert headers["x-forwarded-user"] == "alice"
 
 
+async def test_refresh_with_a_new_id_token_updates_the_groups(generic: World) -> None:
+    """A user removed from a group at the provider loses it at the next refresh, not at the
+    end of the session; without a new ID token the groups stay as they were."""
+    p = generic.provider
+    p.script = Script(
+        refresh_token=True, token_response=_DUE, refresh_response=_DUE, refresh_id_token=True
+    )
+    async with new_browser() as browser:
+        await _signed_in(generic, browser)
+        status, headers = await _page(generic, browser)
+        assert status == 200
+        assert headers["x-forwarded-groups"] == "eng"
+        # Removed from eng at the provider: the ID token and userinfo say so from now on.
+        p.script.refresh_claims = {"groups": ["eng-alumni"]}
+        p.script.userinfo = {"groups": ["eng-alumni"]}
+        status, headers = await _page(generic, browser)
+        assert status == 200
+        assert headers["x-forwarded-groups"] == "eng-alumni"
+        # Refreshes without an ID token from now on: the last known groups stay.
+        p.script.refresh_id_token = False
+        p.script.refresh_claims = {"groups": ["someone-else"]}
+        p.script.userinfo = {"groups": ["someone-else"]}
+        status, headers = await _page(generic, browser)
+        assert status == 200
+        assert headers["x-forwarded-groups"] == "eng-alumni"
+
+
 async def test_refresh_with_an_id_token_for_another_sub_ends_the_session(
     generic: World,
 ) -> None:
