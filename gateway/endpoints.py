@@ -797,10 +797,14 @@ class Gateway:
                 request, url, headers, read_timeout=route.timeout), user
         sent = time.perf_counter()
         answer = await self.proxy.send(request, url, headers, read_timeout=route.timeout)
-        self.metrics.observe_upstream(route.name, time.perf_counter() - sent)
-        out_headers = [h for h in upstream_response_headers(list(answer.headers.items()))
-                       if canonical(h[0]) != "x-request-id"]
-        out_headers.append((REQUEST_ID_HEADER, facts.request_id))
+        try:
+            self.metrics.observe_upstream(route.name, time.perf_counter() - sent)
+            out_headers = [h for h in upstream_response_headers(list(answer.headers.items()))
+                           if canonical(h[0]) != "x-request-id"]
+            out_headers.append((REQUEST_ID_HEADER, facts.request_id))
+        except BaseException:
+            answer.release()  # the upstream connection is closed, not left half-read
+            raise
         return await self.proxy.relay(request, answer, out_headers), user
 
     async def _identity_headers(

@@ -1,9 +1,12 @@
 """Forward one request to an upstream app and stream the answer back.
 
-One pooled ``aiohttp.ClientSession`` serves every route. Bodies are streamed both ways, so a
-100 MB upload or download never sits whole in memory, and bytes pass untouched
-(``auto_decompress=False`` here; the server side is configured the same way in ``app.py``,
-security note 14). The header lists arrive already cleaned by ``headers.HeaderPolicy``.
+Plain requests go through ``upstream_client.UpstreamClient`` (a lean keep-alive HTTP/1.1 client:
+aiohttp's client cost more CPU per request than the rest of the proxy path, issue 7); websockets
+through the pooled ``aiohttp.ClientSession``. The client's pool lives on the session's connector,
+so closing the session closes both. Bodies are streamed both ways, so a 100 MB upload or download
+never sits whole in memory, and bytes pass untouched (no decompression on either side; the
+server side is configured in ``app.py``, security note 14). The header lists arrive already
+cleaned by ``headers.HeaderPolicy``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -19,6 +23,12 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.upstream_client import (
+    UpstreamClient,
+    UpstreamClientError,
+    UpstreamResponse,
+    UpstreamResponseTimeout,
+)
 
 log = logging.getLogger("gateway.proxy")
 
@@ -35,7 +45,9 @@ _WS_HANDSHAKE = frozenset(
         "sec-websocket-accept",
     }
 )
-_CHUNK = 64 * 1024
+# Answers with a Content-Length up to this size that are already whole go out in one write
+# with their head (web.Response) instead of head, body and end separately.
+_SMALL_BODY = 64 * 1024
 
 
 def upstream_url(upstream: str, encoded_path: str, raw_query: str) -> URL:
@@ -50,28 +62,38 @@ def is_websocket(request: web.BaseRequest) -> bool:
     return upgrade.lower() == "websocket" and request.method == "GET"
 
 
+class _ProxyConnector(aiohttp.TCPConnector):
+    """aiohttp's connector (for websockets) that also owns the plain requests' pool, so that
+    whoever closes the session (app.py, on shutdown) closes that pool's connections too."""
+
+    def __init__(self, plain: UpstreamClient, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.plain = plain
+
+    async def close(self, *, abort_ssl: bool = False) -> None:
+        self.plain.close()
+        await super().close(abort_ssl=abort_ssl)
+
+
 class UpstreamProxy:
-    """Streams requests to upstreams over one shared connection pool."""
+    """Streams requests to upstreams over shared connection pools."""
 
     def __init__(self, session: aiohttp.ClientSession, *, connect_timeout: float = 5.0):
         self._session = session
         self._connect_timeout = connect_timeout
-        # One ClientTimeout per distinct route timeout (a handful), not one per request.
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
-
-    def _timeout(self, read_timeout: float) -> aiohttp.ClientTimeout:
-        timeout = self._timeouts.get(read_timeout)
-        if timeout is None:
-            timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=self._connect_timeout, sock_read=read_timeout
-            )
-            self._timeouts[read_timeout] = timeout
-        return timeout
+        connector = session.connector
+        self._client = (
+            connector.plain
+            if isinstance(connector, _ProxyConnector)
+            else UpstreamClient(connect_timeout=connect_timeout)
+        )
 
     @staticmethod
     def new_client_session(*, limit: int = 0) -> aiohttp.ClientSession:
         """The pooled client the proxy needs: no decompression, no cookie jar, no env proxies."""
-        connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300, enable_cleanup_closed=True)
+        connector = _ProxyConnector(
+            UpstreamClient(), limit=limit, ttl_dns_cache=300, enable_cleanup_closed=True
+        )
         return aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
@@ -87,49 +109,63 @@ class UpstreamProxy:
         headers: Sequence[tuple[str, str]],
         *,
         read_timeout: float,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """Send the request upstream and return once the answer's headers are in.
 
-        Connection failures become 502, no answer within ``read_timeout`` becomes 504; both before
-        anything was sent to the browser, so the caller can still show an error page.
+        Connection failures and invalid answers become 502, no answer within ``read_timeout``
+        becomes 504; both before anything was sent to the browser, so the caller can still show
+        an error page.
         """
         body = request.content if request.body_exists else None
+        scheme = url.scheme
+        port = url.port or (443 if scheme == "https" else 80)
         try:
-            return await self._session.request(
+            return await self._client.request(
                 request.method,
-                url,
-                headers=CIMultiDict(headers),
-                data=body,
-                allow_redirects=False,
-                compress=None,
-                timeout=self._timeout(read_timeout),
+                (scheme, url.raw_host or "", port),
+                url.raw_path_qs,  # verbatim: built with encoded=True (security note 6)
+                headers,
+                host=url.host_port_subcomponent or "",
+                body=body,
+                read_timeout=read_timeout,
             )
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        except UpstreamResponseTimeout as exc:
             raise UpstreamTimeout(
                 f"the app at {url.origin()} did not answer within {read_timeout:g} s"
             ) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                f"the app at {url.origin()} cannot be reached ({type(exc).__name__})"
-            ) from exc
+        except UpstreamClientError as exc:
+            raise UpstreamError(f"the app at {url.origin()} cannot be reached ({exc})") from exc
 
     @staticmethod
     async def relay(
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         headers: Sequence[tuple[str, str]],
     ) -> web.StreamResponse:
-        """Stream the upstream's answer to the browser, chunk by chunk."""
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for name, value in headers:
-            response.headers.add(name, value)
+        """Stream the upstream's answer to the browser, chunk by chunk (a small answer that is
+        already whole goes out in one write)."""
+        response: web.StreamResponse
         try:
+            body = upstream.buffered_body(_SMALL_BODY)
+            if body is not None:
+                response = web.Response(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    body=body,
+                    headers=CIMultiDict(headers),
+                )
+                await response.prepare(request)
+                await response.write_eof()
+                return response
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for name, value in headers:
+                response.headers.add(name, value)
             await response.prepare(request)
             if request.method != "HEAD":
-                async for chunk in upstream.content.iter_chunked(_CHUNK):
+                while chunk := await upstream.read_chunk():
                     await response.write(chunk)
             await response.write_eof()
-        except (TimeoutError, aiohttp.ClientError, ConnectionResetError) as exc:
+        except (TimeoutError, UpstreamClientError, ConnectionResetError) as exc:
             # The headers are already out: the only honest signal left is a cut connection.
             log.warning(
                 "upstream answer broken off mid-stream",
@@ -151,7 +187,8 @@ class UpstreamProxy:
     ) -> web.WebSocketResponse:
         """Open the upstream websocket first (failure → 502 page), then pump both ways."""
         protocols = [
-            p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+            p.strip()
+            for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
             if p.strip()
         ]
         forwarded = CIMultiDict(
