@@ -63,6 +63,7 @@ from gateway.observability import (
     REQUEST_ID_HEADER,
     Metrics,
     Outcome,
+    log_info,
     new_request_id,
     request_id,
     short_hash,
@@ -108,6 +109,8 @@ from gateway.store import SessionStore
 log = logging.getLogger("gateway")
 # Identity header lists kept per Gateway (_identity_headers), oldest out first.
 _HEADER_PLANS = 4096
+# Policy answers kept per Gateway (_decide), oldest out first.
+_DECISIONS = 4096
 access_log = logging.getLogger("gateway.access")
 audit_log = logging.getLogger("gateway.audit")
 
@@ -302,6 +305,8 @@ class Gateway:
         self._refreshing: dict[str, asyncio.Task[Session | None]] = {}
         # (route, id(identity), access token) -> (identity, its identity headers); the
         # identity is kept so that its id cannot be reused by another object meanwhile.
+        # (route, id(identity), method, client address) -> (identity, the policy's answer).
+        self._decisions: dict[tuple[str, int, str, str | None], tuple[Identity, Access]] = {}
         self._header_plans: dict[
             tuple[str, int, str | None], tuple[Identity, tuple[tuple[str, str], ...]]
         ] = {}
@@ -391,13 +396,13 @@ class Gateway:
             "duration_ms": round(elapsed * 1000, 2),
         }
         if settings.audit_log and decision in AUDITED:
-            audit_log.info(AUDITED[decision],
-                           extra={**fields, "reason": outcome.reason, "rule": outcome.rule or "-"})
+            log_info(audit_log, AUDITED[decision],
+                     {**fields, "reason": outcome.reason, "rule": outcome.rule or "-"})
         if settings.access_log:
             # The error's reason id when the request failed (upstream_timeout...), else the
             # decision's.
             reason = error.reason if error is not None else outcome.reason
-            access_log.info("request", extra={**fields, "reason": reason})
+            log_info(access_log, "request", {**fields, "reason": reason})
 
     def _facts(self, request: web.Request, request_id: str) -> RequestFacts:
         server = self.config.server
@@ -725,12 +730,25 @@ class Gateway:
         found = (await self.authenticate(request)
                  if route.auth != "public" and bearer is None else None)
         identity = bearer.identity if bearer else found[1].identity if found else None
-        # One decision for the live gateway and `oidc-gateway explain` (policy.authorize).
-        access = authorize(
-            route, identity, method=method,
-            client_ip=facts.forwarded.client_ip, default_policy=self.config.default_policy,
-            groups_claim=self.config.provider.claims.groups,
-        )
+        # One decision for the live gateway and `oidc-gateway explain` (policy.authorize),
+        # computed once per (route, identity, method, client address): the same user's next
+        # request gets the same answer, and the policy depends on nothing else.
+        client_ip = facts.forwarded.client_ip
+        memo_key = (route.name, id(identity), method, client_ip)
+        memo = self._decisions.get(memo_key) if identity is not None else None
+        if memo is not None and memo[0] is identity:
+            access = memo[1]
+        else:
+            access = authorize(
+                route, identity, method=method,
+                client_ip=client_ip, default_policy=self.config.default_policy,
+                groups_claim=self.config.provider.claims.groups,
+            )
+            if identity is not None:
+                decisions = self._decisions
+                if len(decisions) >= _DECISIONS:
+                    del decisions[next(iter(decisions))]
+                decisions[memo_key] = (identity, access)
         # The audit line (Gateway._account) says who, what was decided and by which rule.
         facts.outcome.record(route.auth, access)
         facts.outcome.user = identity.user if identity else None

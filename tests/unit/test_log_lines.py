@@ -1,0 +1,76 @@
+"""The fast path for access and audit lines writes exactly what the logging module would."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.observability import BatchingStreamHandler, JsonFormatter, log_info
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    out = io.StringIO()
+    handler = BatchingStreamHandler(out)
+    handler.setFormatter(JsonFormatter(pid=True))
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield out
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+
+
+FIELDS = {"request_id": "abc", "status": 200, "user": "alice", "client_ip": None,
+          "duration_ms": 1.25, "note": "naïve \"quoted\"\nline"}
+
+
+def lines(out: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_the_fast_line_equals_the_standard_one_but_for_the_time(stream: io.StringIO) -> None:
+    logger = logging.getLogger("gateway.audit")
+    logger.info("access allowed", extra=FIELDS)
+    log_info(logger, "access allowed", dict(FIELDS))
+    standard, fast = lines(stream)
+    assert isinstance(standard.pop("time"), str)
+    assert isinstance(fast.pop("time"), str)
+    assert fast == standard
+    assert list(fast) == list(standard)  # same key order: the lines diff cleanly
+    assert len(stream.getvalue().splitlines()) == 2  # one line each, the newline escaped
+
+
+def test_a_logger_below_info_writes_nothing(stream: io.StringIO) -> None:
+    logger = logging.getLogger("gateway.quiet-test")
+    logger.setLevel(logging.WARNING)
+    try:
+        log_info(logger, "request", dict(FIELDS))
+    finally:
+        logger.setLevel(logging.NOTSET)
+    assert stream.getvalue() == ""
+
+
+def test_any_other_logging_set_up_takes_the_standard_path(stream: io.StringIO) -> None:
+    """A filter someone added (e.g. to redact) must still see every line."""
+    seen: list[logging.LogRecord] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        seen.append(record)
+        return True
+
+    logger = logging.getLogger("gateway.access")
+    logger.addFilter(keep)
+    try:
+        log_info(logger, "request", dict(FIELDS))
+    finally:
+        logger.removeFilter(keep)
+    assert len(seen) == 1
+    assert lines(stream)[0]["user"] == "alice"
