@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
@@ -284,20 +285,58 @@ def authorization_url(
     ``extra`` holds ``provider.auth_params`` (Google's ``access_type``/``prompt``...), added
     after the gateway's own parameters; config refuses any that would replace one of them.
     """
-    return _with_query(
-        meta.authorization_endpoint,
+    challenge = code_challenge(login.code_verifier)
+    if not (
+        _URL_SAFE.fullmatch(login.state)
+        and _URL_SAFE.fullmatch(login.nonce)
+        and _URL_SAFE.fullmatch(challenge)
+    ):
+        return _with_query(
+            meta.authorization_endpoint,
+            [
+                ("response_type", "code"),
+                ("client_id", client_id),
+                ("redirect_uri", redirect_uri),
+                ("scope", " ".join(scopes)),
+                ("state", login.state),
+                ("nonce", login.nonce),
+                ("code_challenge", challenge),
+                ("code_challenge_method", "S256"),
+                *extra,
+            ],
+        )
+    # Every redirect to the provider builds this URL; all but three values are the same each
+    # time, so their encoded form is made once (the same bytes urlencode would give).
+    head, tail = _authorization_parts(
+        meta.authorization_endpoint, client_id, redirect_uri, tuple(scopes), tuple(extra)
+    )
+    return f"{head}&state={login.state}&nonce={login.nonce}&code_challenge={challenge}{tail}"
+
+
+# Values that urlencode leaves as they are (base64url: state, nonce, PKCE challenge).
+_URL_SAFE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@functools.lru_cache(maxsize=64)
+def _authorization_parts(
+    endpoint: str,
+    client_id: str,
+    redirect_uri: str,
+    scopes: tuple[str, ...],
+    extra: tuple[tuple[str, str], ...],
+) -> tuple[str, str]:
+    """The authorization URL before ``state`` and after ``code_challenge``."""
+    head = _with_query(
+        endpoint,
         [
             ("response_type", "code"),
             ("client_id", client_id),
             ("redirect_uri", redirect_uri),
             ("scope", " ".join(scopes)),
-            ("state", login.state),
-            ("nonce", login.nonce),
-            ("code_challenge", code_challenge(login.code_verifier)),
-            ("code_challenge_method", "S256"),
-            *extra,
         ],
     )
+    tail = "&" + urlencode([("code_challenge_method", "S256"), *extra])
+    return head, tail
 
 
 def states_match(a: str, b: str) -> bool:

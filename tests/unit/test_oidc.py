@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
-from urllib.parse import parse_qs, unquote_plus, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
 import pytest
 from joserfc import jws
@@ -631,6 +631,32 @@ def test_authorization_url_keeps_existing_query() -> None:
     q = parse_qs(urlsplit(url).query)
     assert q["p"] == ["b2c_1_signin"]
     assert q["response_type"] == ["code"]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "extra"),
+    [
+        ("https://op.test/authorize", ()),
+        ("https://b2c.test/authorize?p=b2c_1_signin&x=a+b", ()),
+        ("https://op.test/authorize", (("access_type", "offline"), ("acr_values", "a b&c=d"))),
+    ],
+)
+def test_authorization_url_is_byte_for_byte_what_urlencode_gives(
+    endpoint: str, extra: tuple[tuple[str, str], ...]
+) -> None:
+    """The prebuilt parts (made once per provider and callback) change nothing on the wire."""
+    meta = replace(META, authorization_endpoint=endpoint)
+    login = new_login_state(target="/", now=NOW, token_bytes=counter_bytes())
+    url = authorization_url(meta, client_id="id with space&amp", redirect_uri="https://a/c b",
+                            scopes=("openid", "email"), login=login, extra=extra)
+    parts = urlsplit(endpoint)
+    expected = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode([
+        *parse_qsl(parts.query, keep_blank_values=True),
+        ("response_type", "code"), ("client_id", "id with space&amp"),
+        ("redirect_uri", "https://a/c b"), ("scope", "openid email"), ("state", login.state),
+        ("nonce", login.nonce), ("code_challenge", code_challenge(login.code_verifier)),
+        ("code_challenge_method", "S256"), *extra]), ""))
+    assert url == expected
 
 
 def test_states_match() -> None:
