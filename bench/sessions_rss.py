@@ -3,7 +3,7 @@
 Run by the bench in a fresh process. It reads one real session's plaintext (the
 ``dump_session`` JSON of the run's own login, from stdin: tokens never appear on a command line
 or in output), imports the gateway as ``gateway run`` does, then creates ``N`` sessions exactly
-as a login does (``new_ticket`` → ``dump_session`` → ``seal`` → ``MemoryStore.set`` with the
+as a login does (``new_ticket`` → ``pack_session`` → ``seal`` → ``MemoryStore.set`` with the
 session's TTL), each with its own id, secret and nonce. It prints one JSON line: RSS before and
 after (from /proc/self/status), and the sealed blob size. The difference divided by ``N`` is
 what one more signed-in user costs a ``store: memory`` gateway.
@@ -25,7 +25,7 @@ import sys
 import time
 
 from bench.harness import proc_status_kib
-from gateway.sessions import dump_session, load_session, new_ticket, seal, store_ttl
+from gateway.sessions import load_session, new_ticket, pack_session, seal, store_ttl
 from gateway.store import MemoryStore
 
 LIFETIME = 12 * 3600.0
@@ -53,7 +53,7 @@ async def _fill(plain: bytes, count: int) -> dict[str, float]:
         session = dataclasses.replace(template, created_at=now, last_seen=now,
                                       expires_at=now + LIFETIME)
         key = f"s:{ticket.session_id}"
-        blob = seal(dump_session(session), key=server_key, secret=ticket.secret,
+        blob = seal(pack_session(session), key=server_key, secret=ticket.secret,
                     aad=key.encode(), nonce_bytes=secrets.token_bytes(12))
         blob_bytes += len(blob)
         await store.set(key, blob, store_ttl(session, now=now, idle_timeout=IDLE_TIMEOUT))

@@ -92,12 +92,12 @@ from gateway.sessions import (
     SessionInvalid,
     decode_ticket,
     dump_login_state,
-    dump_session,
     encode_ticket,
     load_login_state,
     load_session,
     needs_touch,
     new_ticket,
+    pack_session,
     seal,
     session_end_reason,
     store_ttl,
@@ -675,7 +675,7 @@ class Gateway:
     async def _save(self, ticket: Ticket, session: Session, now: float) -> None:
         key = f"s:{ticket.session_id}"
         blob = seal(
-            dump_session(session),
+            pack_session(session),
             key=self.keys[0],
             secret=ticket.secret,
             aad=key.encode(),

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import random
 import secrets
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from gateway.sessions import (
     login_state_expired,
     needs_touch,
     new_ticket,
+    pack_session,
     parse_key,
     seal,
     session_end_reason,
@@ -648,3 +650,20 @@ def test_login_state_expired(age: float, expected: bool) -> None:
     state = LoginState(state="s", nonce="n", code_verifier="c", target="/", created_at=T0)
     assert login_state_expired(state, T0 + age) is expected
     assert LOGIN_STATE_TTL == 600
+
+
+def test_packed_sessions_are_smaller_and_open_like_the_json_of_earlier_versions() -> None:
+    session = make_session()
+    packed = pack_session(session)
+    assert len(packed) < len(dump_session(session))
+    assert load_session(packed) == session
+    # Sessions sealed before compression (plain JSON) still open after an upgrade.
+    assert load_session(dump_session(session)) == session
+
+
+def test_a_packed_session_that_is_cut_short_or_inflates_too_far_is_refused() -> None:
+    packed = pack_session(make_session())
+    with pytest.raises(SessionInvalid):
+        load_session(packed[:-5])
+    with pytest.raises(SessionInvalid):
+        load_session(zlib.compress(b"{" + b" " * (2 << 20) + b"}"))
