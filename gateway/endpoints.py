@@ -630,8 +630,9 @@ class Gateway:
                     "user_agent": agent[:256]}
             keys = self._index_keys(session_id, meta)
         value = json.dumps(meta, separators=(",", ":")).encode()
-        for key in keys:
-            await self.store.index_put(key, session_id, value, ttl)
+        # Independent writes (one key each): in parallel, one round trip of waiting.
+        await asyncio.gather(*(self.store.index_put(key, session_id, value, ttl)
+                               for key in keys))
 
     async def _end_session(self, session_id: str, session: Session | None) -> None:
         """Delete a session and take it out of its indexes."""
@@ -1080,9 +1081,14 @@ class Gateway:
             issuer=self.idp.metadata.issuer,
             sid=sid if isinstance(sid, str) else None,
         )
-        await self._save(ticket, session, now)
-        await self._index_session(ticket.session_id, session, request,
-                                  client_ip=facts.forwarded.client_ip)
+        # The session and its index entries at once: a login waits for one round trip to the
+        # store, not five. (An index entry of a session whose write failed is skipped when
+        # read, like that of an ended one.)
+        await asyncio.gather(
+            self._save(ticket, session, now),
+            self._index_session(ticket.session_id, session, request,
+                                client_ip=facts.forwarded.client_ip),
+        )
         log.info("login", extra={"request_id": facts.request_id, "user": identity.user,
                                  "session": short_hash(ticket.session_id)})
         response = web.Response(status=302, headers={

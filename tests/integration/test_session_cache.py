@@ -155,7 +155,9 @@ async def test_lost_subscription_turns_the_cache_off_until_it_is_back(
             await admin.delete(*keys)
             took = await wait_until_refused(http, gw_b, cookie)
             assert took < REVOCATION_BOUND
-            # The subscription comes back on its own, and with it the cache.
+            # The gateway noticed (its gauge says the cache is off) ...
+            await wait_metric(http, gw_b, LIVE, 0.0)
+            # ... and the subscription comes back on its own, and with it the cache.
             await wait_metric(http, gw_b, LIVE, 1.0)
             fresh = await signed_in_cookie(gw_a)
             hits = await metric(http, gw_b, HITS)
