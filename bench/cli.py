@@ -39,6 +39,7 @@ from bench.harness import (
     ONE_MIB,
     REPO_DIR,
     SMALL_BODY,
+    ExternalProvider,
     Harness,
     HarnessError,
     cpu_seconds,
@@ -146,6 +147,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="after the runs, hold the signed-in GET load this long (in 10 s slices) "
                         "and report the gateway's RSS after each slice, to show it stays flat "
                         "[off; the issue asks for 300]")
+    p.add_argument("--provider", metavar="ISSUER",
+                   help="log our gateway in at this running provider instead of starting "
+                        "tests/op, e.g. the peer's http://127.0.0.1:7400, so that both gateways "
+                        "use the same one; its client comes from OIDC_CLIENT_ID and "
+                        "OIDC_CLIENT_SECRET (default: the peer's), the gateway listens on "
+                        "SECOND_GATEWAY_PORT (default 4180), the port the peer registers")
     p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     p.add_argument("--keep", action="store_true", help="keep the run folder (logs, configs)")
     return p
@@ -168,6 +175,7 @@ class Options:
     pause: float
     gateway_src: Path
     soak: int = 0
+    provider: ExternalProvider | None = None
 
 
 def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Options:
@@ -226,7 +234,30 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Optio
                    args.threads, cases, tuple(compares), settings, args.profile_seconds,
                    profile_case,
                    pause=0.2 if smoke else 1.0, gateway_src=_gateway_src(args.gateway_src, parser),
-                   soak=args.soak)
+                   soak=args.soak, provider=_provider(args.provider, parser))
+
+
+# The defaults of ../shared/peer/up.sh.
+PEER_CLIENT_ID = "gateway-bench"
+PEER_CLIENT_SECRET = "gateway-bench-secret-0123456789abcdef"  # noqa: S105 - a test peer's
+
+
+def _provider(issuer: str | None, parser: argparse.ArgumentParser) -> ExternalProvider | None:
+    if issuer is None:
+        return None
+    try:
+        issuer = check_loopback_url(issuer)
+    except HarnessError as exc:
+        parser.error(f"--provider: {exc}")
+    port = os.environ.get("SECOND_GATEWAY_PORT", "4180")
+    if not port.isdigit():
+        parser.error("SECOND_GATEWAY_PORT must be a port number")
+    return ExternalProvider(
+        issuer=issuer.rstrip("/"),
+        client_id=os.environ.get("OIDC_CLIENT_ID", PEER_CLIENT_ID),
+        client_secret=os.environ.get("OIDC_CLIENT_SECRET", PEER_CLIENT_SECRET),
+        gateway_port=int(port),
+    )
 
 
 def _gateway_src(path: Path, parser: argparse.ArgumentParser) -> Path:
@@ -542,7 +573,7 @@ def run(opts: Options, run_dir: Path) -> tuple[Report, bool]:
     started_at = datetime.datetime.now(datetime.UTC)
     machine = _machine()
     with signals_raise(), Harness(run_dir, gateway_settings=opts.settings,
-                                  gateway_src=opts.gateway_src) as h:
+                                  gateway_src=opts.gateway_src, provider=opts.provider) as h:
         h.start_all(log=_say)
         memory = Memory()
         memory.start_rss_kib, memory.processes = tree_status_kib(h.gateway_pid, "VmRSS")

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -232,9 +233,10 @@ class Harness(contextlib.ExitStack):
     """Starts the bench's servers in ``run_dir``; leaving the ``with`` block stops them all."""
 
     def __init__(self, run_dir: Path, *, gateway_settings: Mapping[str, Any] | None = None,
-                 gateway_src: Path = REPO_DIR) -> None:
+                 gateway_src: Path = REPO_DIR, provider: ExternalProvider | None = None) -> None:
         super().__init__()
         self.run_dir = run_dir
+        self.provider = provider
         self.gateway_src = gateway_src
         self.gateway_settings = dict(gateway_settings or {})
         self.redis: RedisServer | None = None
@@ -250,18 +252,22 @@ class Harness(contextlib.ExitStack):
         """Redis, upstream and OP first (the OP's start overlaps the others), then the gateway."""
         nginx = find_program("nginx", "nginx-light")
         find_program("wrk", "wrk")
-        ensure_op_installed()
-        op = OidcProviderServer(self.run_dir / "oidc-provider.log")
-        op.launch()
-        self.callback(op.stop)
-        self.op = op
+        op = None
+        if self.provider is None:
+            ensure_op_installed()
+            op = OidcProviderServer(self.run_dir / "oidc-provider.log")
+            op.launch()
+            self.callback(op.stop)
+            self.op = op
         redis = RedisServer(self.run_dir / "redis", persist=False)
         self.callback(redis.stop)
         redis.start()
         self.redis = redis
         self.upstream_url = self._start_upstream(nginx)
-        op.wait_ready()
-        log(f"redis {redis.url}, upstream {self.upstream_url}, provider {op.issuer}")
+        if op is not None:
+            op.wait_ready()
+        issuer = op.issuer if op is not None else self.provider.issuer  # type: ignore[union-attr]
+        log(f"redis {redis.url}, upstream {self.upstream_url}, provider {issuer}")
         self.gateway_url = self._start_gateway()
         log(f"gateway {self.gateway_url} (pid {self.gateway_pid}), config {self.config_path}")
 
@@ -298,13 +304,21 @@ class Harness(contextlib.ExitStack):
         return self.gateway.pid
 
     def _start_gateway(self) -> str:
-        if self.op is None or self.redis is None:
+        if self.redis is None or (self.op is None and self.provider is None):
             raise HarnessError("start the provider and Redis first")
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        client_id, client_secret = self.op.register_client([f"{url}/oauth2/callback"])
+        if self.provider is not None:
+            port = self.provider.gateway_port
+            url = f"http://127.0.0.1:{port}"
+            issuer = self.provider.issuer
+            client_id, client_secret = self.provider.client_id, self.provider.client_secret
+        else:
+            assert self.op is not None  # noqa: S101 - checked above
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            issuer = self.op.issuer
+            client_id, client_secret = self.op.register_client([f"{url}/oauth2/callback"])
         config = gateway_config(
-            port=port, issuer=self.op.issuer, client_id=client_id, client_secret=client_secret,
+            port=port, issuer=issuer, client_id=client_id, client_secret=client_secret,
             upstream=self.upstream_url, store="redis", redis_url=self.redis.url,
             key_prefix=self.key_prefix, session_key=self.session_key,
             # Every path needs a session, as in the peer's Apache (<Location /> valid-user).
@@ -329,6 +343,18 @@ class Harness(contextlib.ExitStack):
 
     def gateway_log_tail(self) -> str:
         return _tail(self.run_dir / "gateway.log")
+
+
+@dataclass(frozen=True)
+class ExternalProvider:
+    """A provider already running (``--provider``), e.g. the peer's (``../shared/peer/``), so
+    that our gateway and the one compared log in at the same provider. Its client must allow
+    ``http://127.0.0.1:<gateway_port>/oauth2/callback``."""
+
+    issuer: str
+    client_id: str
+    client_secret: str
+    gateway_port: int
 
 
 def gateway_env(gateway_src: Path) -> dict[str, str]:

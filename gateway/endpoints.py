@@ -477,10 +477,11 @@ class Gateway:
         key = f"s:{ticket.session_id}"
         cache = self.session_cache
         entry = None
-        # The cache only after Redis confirmed that nothing invalidated it since this request
-        # arrived (SessionCache.confirmed); without a live subscription, the store.
-        if cache is not None and not fresh and await cache.confirmed():
-            entry = cache.lookup(key)
+        if cache is not None and not fresh:
+            # An entry is used only after Redis confirmed that nothing invalidated it since
+            # this request arrived (SessionCache.confirmed); without one, no ping: the store.
+            if cache.holds(key) and await cache.confirmed():
+                entry = cache.lookup(key)
             if entry is not None:
                 session = cache.opened(entry, ticket.secret)
                 if session is not None:
@@ -673,7 +674,11 @@ class Gateway:
             log.info("session revoked", extra={"session": short_hash(session_id)})
         return len(entries)
 
-    async def _save(self, ticket: Ticket, session: Session, now: float) -> None:
+    async def _save(
+        self, ticket: Ticket, session: Session, now: float, *, new: bool = False
+    ) -> None:
+        """Seal and store ``session``. ``new``: a session id never used before (a login),
+        stored only if absent; no process can hold it in its cache, so no invalidation."""
         key = f"s:{ticket.session_id}"
         blob = seal(
             pack_session(session),
@@ -683,7 +688,11 @@ class Gateway:
             nonce_bytes=self.token_bytes(12),
         )
         ttl = store_ttl(session, now=now, idle_timeout=self.config.session.idle_timeout)
-        await self.store.set(key, blob, ttl)
+        if not new:
+            await self.store.set(key, blob, ttl)
+        elif not await self.store.set_new(key, blob, ttl):
+            # A fresh random id already taken: never overwrite someone's session.
+            raise SessionStoreError("A new session could not be stored; sign in again.")
 
     def _set_cookie(
         self, response: web.StreamResponse, name: str, value: str, *, max_age: int, path: str
@@ -1085,7 +1094,7 @@ class Gateway:
         # store, not five. (An index entry of a session whose write failed is skipped when
         # read, like that of an ended one.)
         await asyncio.gather(
-            self._save(ticket, session, now),
+            self._save(ticket, session, now, new=True),
             self._index_session(ticket.session_id, session, request,
                                 client_ip=facts.forwarded.client_ip),
         )

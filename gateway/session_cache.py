@@ -177,15 +177,21 @@ class SessionCache:
         if entry is not None and (entry.expires <= self._clock() or not self.usable):
             del self._entries[key]
             entry = None
-        counter = self._misses if entry is None else self._hits
-        if counter is not None:
-            counter.inc()
+        if entry is not None and self._hits is not None:
+            self._hits.inc()
         return entry
+
+    def holds(self, key: str) -> bool:
+        """Whether ``key`` has an entry at all: without one, a read goes straight to the store
+        and needs no confirmation ping (:meth:`confirmed`)."""
+        return key in self._entries
 
     def begin(self, key: str) -> object:
         """Mark the start of a store read of ``key``; pass the token to :meth:`fill`."""
         token = object()
         self._loading[key] = token
+        if self._misses is not None:  # every store read is a miss of the cache
+            self._misses.inc()
         return token
 
     def fill(self, key: str, token: object, blob: bytes | None) -> _Entry | None:
@@ -449,10 +455,9 @@ class InvalidatingStore:
         return value
 
     async def set_new(self, key: str, value: bytes, ttl: float) -> bool:
-        done = await self.inner.set_new(key, value, ttl)
-        if done:
-            await self._changed(key)
-        return done
+        # Only stores a key that was absent, and absent sessions are never cached: no process
+        # can hold an old value of it, so there is nothing to invalidate.
+        return await self.inner.set_new(key, value, ttl)
 
     async def delete_if(self, key: str, value: bytes) -> bool:
         done = await self.inner.delete_if(key, value)
