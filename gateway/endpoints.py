@@ -18,6 +18,7 @@ import math
 import re
 import secrets
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import quote, urlsplit
@@ -56,7 +57,7 @@ from gateway.headers import (
     upstream_response_headers,
 )
 from gateway.idp import IdentityProvider
-from gateway.models import Identity, Session, Ticket
+from gateway.models import Decision, Identity, Session, Ticket
 from gateway.observability import (
     AUDITED,
     METRICS_CONTENT_TYPE,
@@ -107,10 +108,9 @@ from gateway.sessions import (
 from gateway.store import SessionStore
 
 log = logging.getLogger("gateway")
-# Identity header lists kept per Gateway (_identity_headers), oldest out first.
-_HEADER_PLANS = 4096
-# Policy answers kept per Gateway (_decide), oldest out first.
-_DECISIONS = 4096
+# Results kept per identity (Gateway._memo_of): policy answers and identity header lists for a
+# handful of routes, methods and client addresses; more than this and the oldest go.
+_MEMO_ENTRIES = 64
 access_log = logging.getLogger("gateway.access")
 audit_log = logging.getLogger("gateway.audit")
 
@@ -127,6 +127,24 @@ _PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
 }
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class _KeptAccess:
+    """A policy.Access as memoised per identity: the identity by a flag, not a reference."""
+
+    forward: bool
+    login_needed: bool
+    with_identity: bool
+    decision: Decision | None
+
+
+def _remember(
+    memo: dict[tuple[object, ...], object], key: tuple[object, ...], value: object
+) -> None:
+    if len(memo) >= _MEMO_ENTRIES:
+        del memo[next(iter(memo))]
+    memo[key] = value
 
 
 def admin_id(session_id: str) -> str:
@@ -305,8 +323,10 @@ class Gateway:
         self._refreshing: dict[str, asyncio.Task[Session | None]] = {}
         # (route, id(identity), access token) -> (identity, its identity headers); the
         # identity is kept so that its id cannot be reused by another object meanwhile.
-        # (route, id(identity), method, client address) -> (identity, the policy's answer).
-        self._decisions: dict[tuple[str, int, str, str | None], tuple[Identity, Access]] = {}
+        # id(identity) -> what was worked out for that Identity object: policy answers and
+        # identity headers. An entry goes when its Identity is collected (weakref.finalize),
+        # so the memo never outlives the sessions this process still holds.
+        self._memos: dict[int, dict[tuple[object, ...], object]] = {}
         self._header_plans: dict[
             tuple[str, int, str | None], tuple[Identity, tuple[tuple[str, str], ...]]
         ] = {}
@@ -726,6 +746,16 @@ class Gateway:
             )
         return route
 
+    def _memo_of(self, identity: Identity) -> dict[tuple[object, ...], object]:
+        """The results kept for this Identity object, dropped when it is collected."""
+        key = id(identity)
+        memo = self._memos.get(key)
+        if memo is None:
+            memo = self._memos[key] = {}
+            # Runs as the object dies, before its id can be reused by another.
+            weakref.finalize(identity, self._memos.pop, key, None)
+        return memo
+
     async def _decide(
         self, request: web.BaseRequest, facts: RequestFacts, route: RouteConfig, method: str
     ) -> tuple[Access, str | None]:
@@ -744,21 +774,23 @@ class Gateway:
         # computed once per (route, identity, method, client address): the same user's next
         # request gets the same answer, and the policy depends on nothing else.
         client_ip = facts.forwarded.client_ip
-        memo_key = (route.name, id(identity), method, client_ip)
-        memo = self._decisions.get(memo_key) if identity is not None else None
-        if memo is not None and memo[0] is identity:
-            access = memo[1]
+        memo = self._memo_of(identity) if identity is not None else None
+        memo_key = ("access", route.name, method, client_ip)
+        known = memo.get(memo_key) if memo is not None else None
+        if isinstance(known, _KeptAccess):
+            # Kept without the identity itself, which the memo must not keep alive.
+            access = Access(known.forward, known.login_needed,
+                            identity if known.with_identity else None, known.decision)
         else:
             access = authorize(
                 route, identity, method=method,
                 client_ip=client_ip, default_policy=self.config.default_policy,
                 groups_claim=self.config.provider.claims.groups,
             )
-            if identity is not None:
-                decisions = self._decisions
-                if len(decisions) >= _DECISIONS:
-                    del decisions[next(iter(decisions))]
-                decisions[memo_key] = (identity, access)
+            if memo is not None:
+                _remember(memo, memo_key, _KeptAccess(
+                    access.forward, access.login_needed, access.identity is not None,
+                    access.decision))
         # The audit line (Gateway._account) says who, what was decided and by which rule.
         facts.outcome.record(route.auth, access)
         facts.outcome.user = identity.user if identity else None
@@ -853,20 +885,19 @@ class Gateway:
                 lifetime=settings.lifetime,
                 jti=base64.urlsafe_b64encode(self.token_bytes(16)).decode().rstrip("="),
             )
+        memo = None
+        memo_key = ("headers", route.name, access_token)
         if assertion is None and identity is not None:
             # The same user's next request builds the same headers: computed once per cached
             # Session's identity (the object, so a refreshed session is planned anew).
-            memo_key = (route.name, id(identity), access_token)
-            memo = self._header_plans.get(memo_key)
-            if memo is not None and memo[0] is identity:
-                return list(memo[1])
+            memo = self._memo_of(identity)
+            known = memo.get(memo_key)
+            if isinstance(known, tuple):
+                return list(known)
         plan = plan_with_assertion(
             identity, access_token, self.identity_rules[route.name], assertion)
-        if assertion is None and identity is not None and not plan.trimmed:
-            plans = self._header_plans
-            if len(plans) >= _HEADER_PLANS:
-                del plans[next(iter(plans))]
-            plans[memo_key] = (identity, tuple(plan.headers))
+        if memo is not None and not plan.trimmed:
+            _remember(memo, memo_key, tuple(plan.headers))
         if plan.trimmed:
             log.warning(
                 "identity headers cut to fit headers.max_bytes",

@@ -17,7 +17,9 @@ from typing import Any, Literal
 GroupsState = Literal["ok", "truncated", "unavailable", "invalid"]
 
 
-@dataclass(frozen=True, slots=True)
+# weakref_slot: the gateway keeps per-identity results (policy answers, identity headers) for
+# exactly as long as the Identity lives (endpoints.Gateway._memo_of).
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Identity:
     """Who the user is, as taken from the validated ID token (and userinfo).
 

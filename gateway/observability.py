@@ -14,7 +14,6 @@ when a scrape lands on another worker.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -198,86 +197,25 @@ class TextFormatter(logging.Formatter):
         return head + body + (" " + tail if tail else "")
 
 
-# POSIX makes a write of at most PIPE_BUF bytes to a pipe atomic: with several workers on one
-# stderr, no batch of ours is cut into by another's (a longer line is written on its own).
-_ATOMIC_WRITE: Final = 4096
+class LineStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The StreamHandler of :func:`configure_logging`, which :func:`log_info` can also hand an
+    already formatted line.
 
-
-class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A StreamHandler that writes once per event-loop turn instead of once per line.
-
-    The access and audit lines of every request otherwise cost a write(2) each. Lines are
-    formatted at once (the record is not kept) and written, in order, in chunks of whole
-    lines of at most :data:`_ATOMIC_WRITE` bytes when the loop gets to the scheduled flush,
-    or at once when no event loop runs in this thread. ``logging.shutdown`` (at exit) flushes
-    what is left; only a SIGKILL can lose the lines of the current loop turn.
+    Every line is written (and flushed) before the call returns, so a request's access and
+    audit lines are out before its answer is: a reader of the log who just got the answer
+    finds them there. (Writing once per event-loop turn instead saved about a write(2) per
+    request, which did not pay for lines arriving after the answers they describe.)
     """
 
-    def __init__(self, stream: Any) -> None:
-        super().__init__(stream)
-        self._lines: list[str] = []
-        self._scheduled = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record) + self.terminator
-        except Exception:
-            self.handleError(record)
-            return
-        self._lines.append(line)
-        if self._scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        self._scheduled = True
-        loop.call_soon(self.flush)
-
     def emit_fields(self, line: str) -> None:
-        """Queue one already formatted line (:func:`log_info`)."""
         self.acquire()
         try:
-            self._lines.append(line + self.terminator)
-            if self._scheduled:
-                return
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
-            self._scheduled = True
-            loop.call_soon(self.flush)
-        finally:
-            self.release()
-
-    def flush(self) -> None:
-        self.acquire()
-        try:
-            self._scheduled = False
-            lines, self._lines = self._lines, []
-            chunk: list[str] = []
-            size = 0
-            for line in lines:
-                if chunk and size + len(line) > _ATOMIC_WRITE:
-                    self._write("".join(chunk))
-                    chunk, size = [], 0
-                chunk.append(line)
-                size += len(line)
-            if chunk:
-                self._write("".join(chunk))
-        finally:
-            self.release()
-
-    def _write(self, text: str) -> None:
-        stream = self.stream
-        try:
-            stream.write(text)
-            if hasattr(stream, "flush"):
-                stream.flush()
+            self.stream.write(line + self.terminator)
+            self.flush()
         except (OSError, ValueError):  # stderr closed or gone: nothing left to tell
             pass
+        finally:
+            self.release()
 
 
 def log_info(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
@@ -295,7 +233,7 @@ def log_info(logger: logging.Logger, message: str, fields: dict[str, Any]) -> No
     handler = handlers[0] if len(handlers) == 1 else None
     formatter = handler.formatter if handler is not None else None
     if (
-        not isinstance(handler, BatchingStreamHandler)
+        not isinstance(handler, LineStreamHandler)
         or not isinstance(formatter, JsonFormatter)
         or handler.level > logging.INFO
         or handler.filters
@@ -315,11 +253,9 @@ def configure_logging(level: str, fmt: str, *, pid: bool = False) -> None:
 
     Called again on a config reload: the handler is replaced, never added to.
     """
-    handler = BatchingStreamHandler(sys.stderr)
+    handler = LineStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(pid=pid) if fmt == "json" else TextFormatter(pid=pid))
     root = logging.getLogger()
-    for old in root.handlers:
-        old.flush()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # What no line shows is not gathered for every record (the logging HOWTO's

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.observability import BatchingStreamHandler, JsonFormatter, log_info
+from gateway.observability import JsonFormatter, LineStreamHandler, log_info
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def stream() -> Iterator[io.StringIO]:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     out = io.StringIO()
-    handler = BatchingStreamHandler(out)
+    handler = LineStreamHandler(out)
     handler.setFormatter(JsonFormatter(pid=True))
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
