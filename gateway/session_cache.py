@@ -400,6 +400,10 @@ def with_cache(
     with an event loop running (the subscription starts at once)."""
     if settings.cache.ttl <= 0:
         return store
+    if isinstance(raw, RedisStore) and raw.is_cluster:
+        # redis-py's cluster pub/sub does not give the confirmation ping this cache relies
+        # on (tried: the subscription never confirms), so on a Cluster every read goes to Redis.
+        return store
     bus = raw if isinstance(raw, RedisStore) else None
     cache = SessionCache(
         ttl=settings.cache.ttl,

@@ -709,6 +709,10 @@ class RedisStore:
 
     # -- pub/sub, for the session cache's invalidations (gateway/session_cache.py)
 
+    @property
+    def is_cluster(self) -> bool:
+        return isinstance(self._client, RedisCluster)
+
     def channel(self, name: str) -> str:
         """A pub/sub channel named under this store's key prefix, so that gateways sharing a
         Redis under different prefixes do not hear each other."""
@@ -718,8 +722,8 @@ class RedisStore:
         await self._call("PUBLISH", self._client.publish(channel, message))
 
     def pubsub(self) -> Any:
-        """A new subscriber connection (redis-py PubSub; ClusterPubSub on a Cluster, where a
-        PUBLISH reaches every node)."""
+        """A new subscriber connection (redis-py PubSub; the session cache is not used on a
+        Cluster, see session_cache.with_cache)."""
         return self._client.pubsub()
 
     async def get(self, key: str) -> bytes | None:
