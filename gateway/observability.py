@@ -218,6 +218,18 @@ class LineStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.release()
 
 
+def _plain_path(logger: logging.Logger, root: logging.Logger) -> bool:
+    """Whether a record of ``logger`` would reach the root's handler untouched: no logger on
+    the way (``gateway.audit``, ``gateway``) has a handler or filter of its own, none is
+    disabled, all propagate."""
+    node: logging.Logger | None = logger
+    while node is not None and node is not root:
+        if node.handlers or node.filters or node.disabled or not node.propagate:
+            return False
+        node = node.parent
+    return node is root
+
+
 def log_info(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
     """``logger.info(message, extra=fields)``, the same line, without a LogRecord.
 
@@ -237,11 +249,8 @@ def log_info(logger: logging.Logger, message: str, fields: dict[str, Any]) -> No
         or not isinstance(formatter, JsonFormatter)
         or handler.level > logging.INFO
         or handler.filters
-        or logger.handlers
-        or logger.filters
         or root.filters
-        or not logger.propagate
-        or logger.parent is not root
+        or not _plain_path(logger, root)
     ):
         logger.info(message, extra=fields)
         return
