@@ -60,8 +60,9 @@ from gateway.store import RedisStore, SessionStore
 log = logging.getLogger("gateway.session_cache")
 
 SESSION_KEY_PREFIX: Final = "s:"
-# How often the subscription is pinged, and how recent its last sign of life must be for the
-# cache to be used. ALIVE_FOR bounds how long a lost invalidation can go unnoticed.
+# How often an idle subscription is pinged, and how long it may stay silent before it is taken
+# for lost: the cache is dropped and the subscription made anew (RETRY_EVERY later). Requests
+# never rely on it alone: each use of the cache waits for a ping of its own (confirmed()).
 PING_EVERY: Final = 0.25
 ALIVE_FOR: Final = 0.9
 RETRY_EVERY: Final = 0.5
