@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -39,9 +38,11 @@ from gateway.oidc import (
     MAX_SUB_LENGTH,
     HttpRequestSpec,
     KeySet,
-    _verify_signature,
     basic_authorization,
     identity_from_claims,
+    number_claim,
+    premature_claim,
+    signed_access_token,
 )
 
 __all__ = [
@@ -160,12 +161,6 @@ def requirements(bearer: BearerConfig, provider: ProviderConfig) -> Requirements
     )
 
 
-def _number(value: object) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
 def _check_claims(
     claims: Mapping[str, Any], need: Requirements, *, now: float, what: str, jwt: bool
 ) -> None:
@@ -184,16 +179,14 @@ def _check_claims(
     if exp is None and jwt:
         raise _invalid(f"The {what} has no expiry (exp).")
     if exp is not None:
-        expires = _number(exp)
+        expires = number_claim(exp)
         if expires is None:
             raise _invalid(f"The {what}'s expiry (exp) is not a number.")
         if now - need.leeway >= expires:
             raise _invalid(f"The {what} has expired.")
-    for name in ("nbf", "iat"):
-        if name in claims:
-            when = _number(claims[name])
-            if when is None or when > now + need.leeway:
-                raise _invalid(f"The {what} is not valid yet ({name}); check the clocks.")
+    premature = premature_claim(claims, now=now, leeway=need.leeway)
+    if premature is not None:
+        raise _invalid(f"The {what} is not valid yet ({premature}); check the clocks.")
     if "cnf" in claims:
         raise _invalid(
             f"The {what} is bound to a key (cnf: DPoP or mTLS); the gateway accepts plain "
@@ -225,20 +218,14 @@ def validate_access_token(
     naming the check that failed.
     """
     try:
-        obj = _verify_signature(token, keys=keys, algorithms=need.algorithms, client_secret=None)
+        header, claims = signed_access_token(token, keys=keys, algorithms=need.algorithms)
     except UnknownSigningKey:
         raise
     except OIDCError as exc:
-        raise _invalid(exc.message.replace("The ID token", "The access token")) from None
-    typ = obj.headers().get("typ")
+        raise _invalid(exc.message) from None
+    typ = header.get("typ")
     if typ is not None and (not isinstance(typ, str) or typ.lower() not in _ACCESS_TOKEN_TYPES):
         raise _invalid("The token's type (typ) is not an access token's.")
-    try:
-        claims = json.loads(obj.payload)
-    except (ValueError, UnicodeDecodeError):
-        raise _invalid("The access token's payload is not JSON.") from None
-    if not isinstance(claims, dict):
-        raise _invalid("The access token's payload is not a JSON object.")
     _check_claims(claims, need, now=now, what="access token", jwt=True)
     return claims
 
@@ -338,7 +325,7 @@ class IntrospectionCache:
         return entry[1]
 
     def put(self, key: str, doc: Mapping[str, Any], *, now: float, cache_for: float) -> None:
-        exp = _number(doc.get("exp"))
+        exp = number_claim(doc.get("exp"))
         if exp is None or cache_for <= 0:
             return
         until = min(exp, now + cache_for)

@@ -1180,6 +1180,54 @@ def _access_invalid(message: str) -> OIDCError:
     return OIDCError(message, reason="access_token_invalid", status_hint=401)
 
 
+def number_claim(value: object) -> float | None:
+    """A NumericDate claim as a float; None for anything else (bools, strings, NaN)."""
+    return _number(value)
+
+
+def signed_access_token(
+    token: str, *, keys: KeySet, algorithms: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The protected header and the claims of a JWT access token whose signature checks out
+    with the provider's keys under ``algorithms`` (HMAC never: the client secret does not sign
+    access tokens). The part the login's access token (:func:`access_token_claims_for_login`)
+    and an API client's bearer token (``gateway.bearer``) share; each adds its own claim rules.
+
+    Raises UnknownSigningKey for an unknown kid, else ``OIDCError`` whose message names the
+    access token (callers turn it into their own error).
+    """
+    if token.count(".") != 2:
+        raise OIDCError("The access token is not a signed JWT (it may be opaque).")
+    try:
+        obj = _verify_signature(
+            token,
+            keys=keys,
+            algorithms=[a for a in algorithms if not a.upper().startswith("HS")],
+            client_secret=None,
+        )
+    except UnknownSigningKey:
+        raise
+    except OIDCError as exc:
+        raise OIDCError(exc.message.replace("The ID token", "The access token")) from None
+    try:
+        claims = json.loads(obj.payload)
+    except (ValueError, UnicodeDecodeError):
+        raise OIDCError("The access token's payload is not JSON.") from None
+    if not isinstance(claims, dict):
+        raise OIDCError("The access token's payload is not a JSON object.")
+    return dict(obj.headers()), claims
+
+
+def premature_claim(claims: Mapping[str, Any], *, now: float, leeway: float) -> str | None:
+    """``nbf`` or ``iat`` when present but not a number or later than ``now`` + ``leeway``."""
+    for name in ("nbf", "iat"):
+        if name in claims:
+            when = _number(claims[name])
+            if when is None or when > now + leeway:
+                return name
+    return None
+
+
 def access_token_claims_for_login(
     token: str,
     *,
@@ -1207,25 +1255,12 @@ def access_token_claims_for_login(
     Raises UnknownSigningKey for an unknown kid, else ``OIDCError(reason=
     "access_token_invalid")``; the caller treats any failure as "groups unavailable".
     """
-    if token.count(".") != 2:
-        raise _access_invalid("The access token is not a signed JWT (it may be opaque).")
     try:
-        obj = _verify_signature(
-            token,
-            keys=keys,
-            algorithms=[a for a in algorithms if not a.upper().startswith("HS")],
-            client_secret=None,
-        )
+        _, claims = signed_access_token(token, keys=keys, algorithms=algorithms)
     except UnknownSigningKey:
         raise
     except OIDCError as exc:
-        raise _access_invalid(exc.message.replace("The ID token", "The access token")) from None
-    try:
-        claims = json.loads(obj.payload)
-    except (ValueError, UnicodeDecodeError):
-        raise _access_invalid("The access token's payload is not JSON.") from None
-    if not isinstance(claims, dict):
-        raise _access_invalid("The access token's payload is not a JSON object.")
+        raise _access_invalid(exc.message) from None
     if claims.get("iss") != issuer:
         raise _access_invalid("The access token was issued by another issuer.")
     parties = [claims[name] for name in ("azp", "client_id", "cid") if name in claims]
@@ -1242,11 +1277,9 @@ def access_token_claims_for_login(
         raise _access_invalid("The access token has no valid expiry (exp).")
     if now - leeway >= exp:
         raise _access_invalid("The access token has expired.")
-    for name in ("nbf", "iat"):
-        if name in claims:
-            when = _number(claims[name])
-            if when is None or when > now + leeway:
-                raise _access_invalid(f"The access token's {name} is invalid or in the future.")
+    premature = premature_claim(claims, now=now, leeway=leeway)
+    if premature is not None:
+        raise _access_invalid(f"The access token's {premature} is invalid or in the future.")
     return claims
 
 
