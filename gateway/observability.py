@@ -133,15 +133,22 @@ class JsonFormatter(logging.Formatter):
         self._pid = pid
         self._clock = _Clock()
 
-    def format(self, record: logging.LogRecord) -> str:
+    def _head(
+        self, created: float, level: str, logger: str, message: str, pid: int | None
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "time": self._clock(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
+            "time": self._clock.at(created),
+            "level": level,
+            "logger": logger,
+            "msg": message,
         }
         if self._pid:
-            out["pid"] = record.process
+            out["pid"] = pid
+        return out
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = self._head(record.created, record.levelname.lower(), record.name,
+                         record.getMessage(), record.process)
         out.update(_extras(record))
         if record.exc_info:
             out.update(_error_text(self, record))
@@ -149,14 +156,7 @@ class JsonFormatter(logging.Formatter):
 
     def format_fields(self, logger: str, message: str, fields: dict[str, Any]) -> str:
         """The line :meth:`format` makes of ``logger.info(message, extra=fields)``."""
-        out: dict[str, Any] = {
-            "time": self._clock.at(time.time()),
-            "level": "info",
-            "logger": logger,
-            "msg": message,
-        }
-        if self._pid:
-            out["pid"] = os.getpid()
+        out = self._head(time.time(), "info", logger, message, os.getpid())
         out.update(fields)
         return _JSON.encode(out)
 
