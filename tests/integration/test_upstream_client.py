@@ -71,6 +71,23 @@ async def reply_ok(head: Head, reader: asyncio.StreamReader, writer: asyncio.Str
     return True
 
 
+def answer(*parts: bytes, keep: bool) -> Script:
+    """A script that writes ``parts`` (50 ms apart, so each reaches the gateway on its own)
+    without reading a request body, then keeps the connection open (``keep``) or closes it."""
+
+    async def script(
+        head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        for i, part in enumerate(parts):
+            if i:
+                await asyncio.sleep(0.05)
+            writer.write(part)
+            await writer.drain()
+        return keep
+
+    return script
+
+
 @dataclass
 class RawUpstream:
     script: Script = reply_ok
@@ -185,14 +202,8 @@ async def test_no_headers_are_invented_and_the_target_is_sent_verbatim(env: Env)
 
 
 async def test_pooled_connection_closed_by_the_upstream_is_not_a_failure(env: Env) -> None:
-    async def answer_then_hang_up(
-        head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        writer.write(OK)
-        await writer.drain()
-        return False  # keep-alive answer, then the upstream closes the idle connection
-
-    env.upstream.script = answer_then_hang_up
+    # A keep-alive answer, then the upstream closes the idle connection.
+    env.upstream.script = answer(OK, keep=False)
     assert (await env.get("/public/one"))[0] == 200
     await asyncio.sleep(0.2)
     assert (await env.get("/public/two"))[:2] == (200, b"ok")
@@ -221,14 +232,10 @@ async def test_pooled_connection_dying_before_any_answer_byte_is_retried(env: En
 
 
 async def test_connection_close_is_honoured(env: Env) -> None:
-    async def close_but_stay_open(
-        head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        return True  # the app keeps the socket open anyway
-
-    env.upstream.script = close_but_stay_open
+    # "Connection: close", but the app keeps the socket open anyway.
+    env.upstream.script = answer(
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", keep=True
+    )
     for _ in range(2):
         assert (await env.get("/public/x"))[:2] == (200, b"ok")
     assert env.upstream.connections == 2
@@ -236,48 +243,29 @@ async def test_connection_close_is_honoured(env: Env) -> None:
 
 
 async def test_http_1_0_answer_is_not_kept_alive(env: Env) -> None:
-    async def http10(
-        head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        return True
-
-    env.upstream.script = http10
+    env.upstream.script = answer(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", keep=True)
     for _ in range(2):
         assert (await env.get("/public/x"))[:2] == (200, b"ok")
     assert env.upstream.connections == 2
 
 
 async def test_chunked_answer_is_relayed_whole_and_the_connection_reused(env: Env) -> None:
-    async def chunked(
-        head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(b"6\r\n world\r\n0\r\n\r\n")
-        await writer.drain()
-        return True
-
-    env.upstream.script = chunked
+    env.upstream.script = answer(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        b"6\r\n world\r\n0\r\n\r\n",
+        keep=True,
+    )
     for _ in range(2):
         assert (await env.get("/public/c"))[:2] == (200, b"hello world")
     assert env.upstream.connections == 1
 
 
 async def test_read_until_close_answer_is_relayed_whole(env: Env) -> None:
-    async def until_close(
-        head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst part, ")
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(b"second part")
-        await writer.drain()
-        return False
-
-    env.upstream.script = until_close
+    env.upstream.script = answer(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst part, ",
+        b"second part",
+        keep=False,
+    )
     for _ in range(2):
         assert (await env.get("/public/u"))[:2] == (200, b"first part, second part")
     assert env.upstream.connections == 2
