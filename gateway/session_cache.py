@@ -429,16 +429,10 @@ class InvalidatingStore:
         return getattr(self.inner, name)
 
     async def _changed(self, key: str) -> None:
+        # A failed publish is the Redis store's SessionStoreError (503): the change is not
+        # answered as done until every process has been told.
         if key.startswith(SESSION_KEY_PREFIX):
-            try:
-                await self.cache.announce(key)
-            except SessionStoreError:
-                raise
-            except Exception as exc:
-                raise SessionStoreError(
-                    "The session store could not tell the other gateway processes about a "
-                    "session change; try again."
-                ) from exc
+            await self.cache.announce(key)
 
     async def get(self, key: str) -> bytes | None:
         return await self.inner.get(key)
