@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import logging
@@ -57,7 +58,7 @@ from gateway.headers import (
     upstream_response_headers,
 )
 from gateway.idp import IdentityProvider
-from gateway.models import Decision, Identity, Session, Ticket
+from gateway.models import Decision, Identity, LoginState, Session, Ticket
 from gateway.observability import (
     AUDITED,
     METRICS_CONTENT_TYPE,
@@ -91,15 +92,18 @@ from gateway.routing import (
 from gateway.session_cache import SessionCache
 from gateway.sessions import (
     SessionInvalid,
+    decode_login_blob,
     decode_ticket,
-    dump_login_state,
+    encode_login_blob,
     encode_ticket,
-    load_login_state,
     load_session,
+    login_bound,
     needs_touch,
     new_ticket,
+    open_login_state,
     pack_session,
     seal,
+    seal_login_state,
     session_end_reason,
     store_ttl,
     touched,
@@ -115,6 +119,11 @@ access_log = logging.getLogger("gateway.access")
 audit_log = logging.getLogger("gateway.audit")
 
 _BINDING_BYTES = 32
+# A login's sealed state travels in the provider's URL up to this size (a return URL of about
+# 1 KB); a longer one is kept in the store under a short reference starting with the prefix
+# ("." is not base64url, so the two never meet).
+_INLINE_STATE_CHARS = 1536
+_STORED_STATE_PREFIX = "r."
 _NO_STORE = "no-store"
 # The gateway's own pages (sign-out confirmation, errors) are never framed: a framed
 # "Sign out" button is a clickjacking target.
@@ -972,18 +981,24 @@ class Gateway:
             )
         redirect_uri = self._redirect_uri(facts)
         self._check_cookie_reach(facts, redirect_uri)
+        # The callback needs the store (single use, the session): nobody is sent to the
+        # provider for a sign-in that could not finish. With the session cache's live
+        # subscription this is the ping every request of an event-loop turn shares.
+        cache = self.session_cache
+        if cache is None or not await cache.confirmed():
+            await self.store.ping()
         binding = self._binding(request) or self.token_bytes(_BINDING_BYTES)
-        now = self.clock()
-        login = new_login_state(target=target, now=now, token_bytes=self.token_bytes)
-        key = f"l:{login.state}"
-        blob = seal(
-            dump_login_state(login),
-            key=self.keys[0],
-            secret=binding,
-            aad=key.encode(),
-            nonce_bytes=self.token_bytes(12),
-        )
-        await self.store.set(key, blob, self.login_ttl)
+        login = new_login_state(target=target, now=self.clock(), token_bytes=self.token_bytes)
+        blob = seal_login_state(login, binding=binding, key=self.keys[0],
+                                token_bytes=self.token_bytes)
+        state = encode_login_blob(blob)
+        if len(state) > _INLINE_STATE_CHARS:
+            # A long return URL (a dashboard's whole view in its query) would make the
+            # provider's URL too long for some providers: that one login keeps its state in
+            # the store and sends a short reference.
+            state = f"{_STORED_STATE_PREFIX}{login.state}"
+            await self.store.set(f"l:{state}", blob, self.login_ttl)
+        login = dataclasses.replace(login, state=state)
         location = self.idp.authorization_url(login, redirect_uri)
         response = web.Response(status=302, headers={"Location": location,
                                                      "Cache-Control": _NO_STORE})
@@ -1058,35 +1073,50 @@ class Gateway:
         ):
             raise NotFound("this gateway serves no route on this host")
 
+    async def _take_login(self, state: str) -> tuple[LoginState, bytes]:
+        """The login a callback's ``state`` names, used up (single use) and not expired, with
+        its binding digest; every other case is the same 400 (nothing to tell apart for a
+        forger)."""
+        unknown = OIDCError("This sign-in has expired or was already completed. Start again.",
+                            reason="login_state_unknown", status_hint=400)
+        stored = state.startswith(_STORED_STATE_PREFIX)
+        blob = await self.store.pop(f"l:{state}") if stored else decode_login_blob(state)
+        if blob is None:
+            raise unknown
+        try:
+            login, bound_to = open_login_state(blob, keys=self.keys, state=state)
+        except SessionInvalid:
+            raise unknown from None
+        # Besides the store's TTL: stores expire lazily, and a late replay must not complete.
+        left = self.login_ttl - (self.clock() - login.created_at)
+        if left <= 0:
+            raise OIDCError("This sign-in took too long and expired. Start again.",
+                            reason="login_state_expired", status_hint=400)
+        if not stored:
+            # One mark per blob (canonical base64url: one spelling each), kept as long as the
+            # state could still be used.
+            mark = base64.urlsafe_b64encode(hashlib.sha256(blob).digest()).decode()
+            if not await self.store.set_new(f"l:used:{mark}", b"1", left):
+                raise unknown
+        return login, bound_to
+
     async def callback(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
         self._check_served(facts)
         query: Mapping[str, str] = request.query
         state = query.get("state", "")
-        if not state or len(state) > 128:
+        if not state or len(state) > _INLINE_STATE_CHARS:
             raise OIDCError(
                 "The sign-in answer carries no state, so it cannot be matched to a sign-in "
                 "started here. Start again.", reason="login_state_missing", status_hint=400)
-        blob = await self.store.pop(f"l:{state}")
-        if blob is None:
-            raise OIDCError(
-                "This sign-in has expired or was already completed. Start again.",
-                reason="login_state_unknown", status_hint=400)
-        binding = self._binding(request)
-        try:
-            if binding is None:
-                raise SessionInvalid("no binding cookie")
-            login = load_login_state(
-                unseal(blob, keys=self.keys, secret=binding, aad=f"l:{state}".encode()))
-        except SessionInvalid:
+        login, bound_to = await self._take_login(state)
+        # Used up above, before the browser is compared: a callback tried in another browser
+        # spends the state, so the login it stole from cannot complete either.
+        if not login_bound(bound_to, self._binding(request)):
             raise OIDCError(
                 "This sign-in was started in another browser (or its cookie was lost). "
                 "Start again in this browser.", reason="login_not_bound", status_hint=400,
-            ) from None
+            )
         now = self.clock()
-        # Besides the store's TTL: stores expire lazily, and a late replay must not complete.
-        if now - login.created_at >= self.login_ttl:
-            raise OIDCError("This sign-in took too long and expired. Start again.",
-                            reason="login_state_expired", status_hint=400)
         try:
             identity, tokens, claims = await self.idp.complete_login(
                 query, login, redirect_uri=self._redirect_uri(facts))

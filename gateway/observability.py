@@ -66,7 +66,7 @@ _SAFE_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+/=@-]{0,127}")
 DECISIONS: Final = (
     "allowed", "denied", "login_redirect", "unauthenticated_401", "public", "error", "endpoint",
 )
-_STORE_OPERATIONS: Final = ("get", "set", "delete", "pop", "ping")
+_STORE_OPERATIONS: Final = ("get", "set", "set_new", "delete", "pop", "ping")
 # From 1 ms (a cached page) to 30 s (a slow report); the upstream and the gateway share them so
 # the two histograms can be compared bucket by bucket.
 _LATENCY_BUCKETS: Final = (
@@ -506,6 +506,7 @@ class Metrics:
 class _Store(Protocol):
     async def get(self, key: str) -> bytes | None: ...
     async def set(self, key: str, value: bytes, ttl: float) -> None: ...
+    async def set_new(self, key: str, value: bytes, ttl: float) -> bool: ...
     async def delete(self, key: str) -> None: ...
     async def pop(self, key: str) -> bytes | None: ...
     async def ping(self) -> None: ...
@@ -547,6 +548,16 @@ class MeteredStore:
             raise
         finally:
             self._timers["set"].observe(time.perf_counter() - started)
+
+    async def set_new(self, key: str, value: bytes, ttl: float) -> bool:
+        started = time.perf_counter()
+        try:
+            return await self.inner.set_new(key, value, ttl)
+        except Exception:
+            self._failures["set_new"].inc()
+            raise
+        finally:
+            self._timers["set_new"].observe(time.perf_counter() - started)
 
     async def delete(self, key: str) -> None:
         started = time.perf_counter()

@@ -23,6 +23,7 @@ import base64
 import binascii
 import dataclasses
 import hashlib
+import hmac
 import json
 import math
 import re
@@ -45,19 +46,25 @@ __all__ = [
     "SECRET_BYTES",
     "SESSION_ID_BYTES",
     "SessionInvalid",
+    "binding_digest",
+    "decode_login_blob",
     "decode_ticket",
     "dump_login_state",
     "dump_session",
+    "encode_login_blob",
     "encode_ticket",
     "generate_key",
     "key_fingerprint",
     "load_login_state",
     "load_session",
+    "login_bound",
     "login_state_expired",
     "needs_touch",
     "new_ticket",
+    "open_login_state",
     "parse_key",
     "seal",
+    "seal_login_state",
     "session_end_reason",
     "session_key_id",
     "store_ttl",
@@ -384,7 +391,9 @@ _GROUPS_STATES: Final = frozenset({"ok", "truncated", "unavailable", "invalid"})
 _TOKEN_FIELDS: Final = frozenset(
     {"id_token", "access_token", "refresh_token", "token_type", "expires_at"}
 )
-_LOGIN_FIELDS: Final = frozenset({"v", "state", "nonce", "code_verifier", "target", "created_at"})
+_LOGIN_FIELDS: Final = frozenset(
+    {"v", "nonce", "code_verifier", "target", "created_at", "binding"}
+)
 
 
 def dump_session(session: Session) -> bytes:
@@ -515,33 +524,104 @@ def load_session(data: bytes) -> Session:
     )
 
 
-def dump_login_state(state: LoginState) -> bytes:
-    """Compact JSON of a pending login, kept in the store under its ``state`` for one callback."""
+def dump_login_state(state: LoginState, *, binding: bytes) -> bytes:
+    """Compact JSON of a pending login: what :func:`seal_login_state` protects.
+
+    ``binding`` is :func:`binding_digest` of the browser's binding cookie. ``state.state``
+    is not in it: the state sent to the provider is made from this very blob.
+    """
     return _dumps(
         {
             "v": _DUMP_VERSION,
-            "state": state.state,
             "nonce": state.nonce,
             "code_verifier": state.code_verifier,
             "target": state.target,
             "created_at": state.created_at,
+            "binding": _b64url(binding),
         }
     )
 
 
-def load_login_state(data: bytes) -> LoginState:
-    """Parse :func:`dump_login_state` output strictly; anything malformed is SessionInvalid."""
+def load_login_state(data: bytes, *, state: str) -> tuple[LoginState, bytes]:
+    """Parse :func:`dump_login_state` output strictly: the login (its ``state`` is the one the
+    browser brought back) and the binding digest. Anything malformed is SessionInvalid."""
     what = "login state"
     obj = _loads_object(data, what)
     _version(obj, what)
     _check_keys(obj, _LOGIN_FIELDS, what)
-    return LoginState(
-        state=_str(obj, "state", what),
+    binding = _b64url_decode_strict(_str(obj, "binding", what))
+    if binding is None or len(binding) != _BINDING_DIGEST_BYTES:
+        raise SessionInvalid("login state: binding is not a digest")
+    login = LoginState(
+        state=state,
         nonce=_str(obj, "nonce", what),
         code_verifier=_str(obj, "code_verifier", what),
         target=_str(obj, "target", what),
         created_at=_num(obj, "created_at", what),
     )
+    return login, binding
+
+
+# --------------------------------------------------------------------------- login state sealing
+
+_BINDING_DIGEST_BYTES: Final = 16
+_LOGIN_SALT_BYTES: Final = 16
+_LOGIN_AAD: Final = b"oidc-gateway login state"
+
+
+def binding_digest(binding: bytes) -> bytes:
+    """What a sealed login state keeps of the browser's binding cookie (not the cookie)."""
+    return hashlib.sha256(b"oidc-gateway login binding\0" + binding).digest()[
+        :_BINDING_DIGEST_BYTES
+    ]
+
+
+def seal_login_state(
+    state: LoginState, *, binding: bytes, key: bytes, token_bytes: TokenBytes
+) -> bytes:
+    """A pending login sealed under the server key, to travel in the ``state`` parameter.
+
+    No store write per redirect (an unauthenticated flood of them filled Redis and cost half
+    of each redirect's CPU, issue 7), as mod_auth_openidc and oauth2-proxy keep it client-side
+    too. Blob layout: salt (16) | :func:`seal` blob. The random salt gives every login its own
+    derived AES key, so GCM's random nonces never share a key however many logins start. The
+    browser binding is a digest inside, checked apart from the seal: a state opened by the
+    server key is genuine, and is used up (single use) before its binding is compared, so a
+    callback tried in another browser spends it, as a stored state did.
+    """
+    salt = token_bytes(_LOGIN_SALT_BYTES)
+    if len(salt) != _LOGIN_SALT_BYTES:
+        raise ValueError("token_bytes returned the wrong number of bytes")
+    plaintext = dump_login_state(state, binding=binding_digest(binding))
+    return salt + seal(plaintext, key=key, secret=salt, aad=_LOGIN_AAD,
+                       nonce_bytes=token_bytes(NONCE_BYTES))
+
+
+def open_login_state(
+    blob: bytes, *, keys: Sequence[bytes], state: str
+) -> tuple[LoginState, bytes]:
+    """Open :func:`seal_login_state`'s blob: the login and its binding digest. A forged,
+    altered or truncated blob, or one sealed by a key no longer configured, is SessionInvalid."""
+    if len(blob) < _LOGIN_SALT_BYTES + _BLOB_MIN:
+        raise SessionInvalid("login state is truncated")
+    salt = blob[:_LOGIN_SALT_BYTES]
+    data = unseal(blob[_LOGIN_SALT_BYTES:], keys=keys, secret=salt, aad=_LOGIN_AAD)
+    return load_login_state(data, state=state)
+
+
+def login_bound(digest: bytes, binding: bytes | None) -> bool:
+    """Whether this browser's binding cookie is the one the login was started with."""
+    return binding is not None and hmac.compare_digest(digest, binding_digest(binding))
+
+
+def encode_login_blob(blob: bytes) -> str:
+    return _b64url(blob)
+
+
+def decode_login_blob(text: str) -> bytes | None:
+    """The blob of an inline state; None unless it is canonical base64url (one spelling per
+    blob, so the single-use mark, keyed by the blob, cannot be dodged by re-spelling it)."""
+    return _b64url_decode_strict(text)
 
 
 # --------------------------------------------------------------------------- expiry maths

@@ -29,6 +29,7 @@ from tests.integration.attacks_common import (
     register_at,
 )
 from tests.support.login import browser_login
+from tests.support.peers import RedisTarget, redis_command
 
 pytestmark = [pytest.mark.provider, pytest.mark.asyncio(loop_scope="module")]
 
@@ -150,6 +151,77 @@ async def test_an_expired_login_state_is_refused(
         assert not sets_session(headers)
         # The control: a prompt login on the same gateway succeeds.
         assert (await browser_login(browser, f"{short.url}/prompt")).status == 200
+
+
+async def test_a_long_return_url_is_kept_in_the_store_and_used_once(world: World) -> None:
+    """A dashboard URL over 1 KB would make the provider's URL too long: its login state is
+    stored and the provider gets a short reference; the browser still lands on the whole URL,
+    and the reference works once."""
+    path = "/dash?" + urlencode({"view": "x" * 1400, "q": "a b&c"})
+    async with new_browser() as browser:
+        result = await browser_login(browser, f"{world.url}{path}", stop_before_callback=True)
+        assert result.callback_url
+        state = _query(result.callback_url)["state"]
+        assert state.startswith("r.")
+        assert len(state) < 64
+        status, headers, _ = await callback_answer(browser, result.callback_url)
+        assert status == 302
+        assert headers["Location"] == path
+        assert sets_session(headers)
+        status, headers, text = await callback_answer(browser, result.callback_url)
+        assert status == 400
+        assert "expired or was already completed" in text
+        assert not sets_session(headers)
+    async with new_browser() as browser:  # the whole walk, as a browser does it
+        answer = await browser_login(browser, f"{world.url}{path}")
+        assert answer.status == 200
+        assert answer.url == f"{world.url}{path}"
+
+
+async def test_a_short_return_url_travels_sealed_in_the_state(world: World) -> None:
+    """The usual login: nothing readable of it in the URL the provider (and the browser's
+    history) sees: not the page to return to, not the PKCE verifier."""
+    async with new_browser() as browser:
+        result = await browser_login(browser, f"{world.url}/wiki/Secret_Plans?rev=7",
+                                     stop_before_callback=True)
+        assert result.callback_url
+        state = _query(result.callback_url)["state"]
+        assert not state.startswith("r.")
+        assert 43 <= len(state) <= 1536
+        for readable in ("Secret", "wiki", "rev"):
+            assert readable not in state
+        status, headers, _ = await callback_answer(browser, result.callback_url)
+        assert status == 302
+        assert headers["Location"] == "/wiki/Secret_Plans?rev=7"
+
+
+@pytest.mark.redis
+async def test_redirects_to_the_provider_write_nothing_to_the_store(
+    oidc_provider: Any, tmp_path_factory: pytest.TempPathFactory, redis_target: RedisTarget
+) -> None:
+    """An anonymous flood of navigations fills no Redis memory: a sign-in writes to the store
+    only when it comes back (its single-use mark and the session)."""
+    def keys() -> list[str]:
+        reply = redis_command(redis_target.port, "KEYS", f"{redis_target.prefix}*")
+        return [line for line in reply.decode().split("\r\n")
+                if line.startswith(redis_target.prefix)]
+
+    async with gateway_world(
+        tmp_path_factory.mktemp("nostore"), issuer=oidc_provider.issuer,
+        client=register_at(oidc_provider), store="redis", redis_url=redis_target.url,
+        key_prefix=redis_target.prefix,
+    ) as redis_world, new_browser() as anon:
+        for i in range(100):
+            async with anon.get(f"{redis_world.url}/page/{i}", headers=HTML,
+                                allow_redirects=False) as r:
+                assert r.status == 302
+        assert keys() == []
+        async with new_browser() as browser:
+            assert (await browser_login(browser, f"{redis_world.url}/x")).status == 200
+        stored = [k.removeprefix(redis_target.prefix) for k in keys()]
+        assert len([k for k in stored if k.startswith("l:used:")]) == 1
+        assert len([k for k in stored if k.startswith("s:")]) == 1
+        assert not [k for k in stored if k.startswith("l:") and not k.startswith("l:used:")]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,7 +140,11 @@ async def test_metrics_count_requests_by_route_status_and_decision(world: World)
     assert value(text, "oidc_gateway_request_duration_seconds_count", route="public") == 3
     # The session store: timed per operation, no errors.
     assert value(text, "oidc_gateway_session_store_duration_seconds_count", operation="get") >= 2
-    assert value(text, "oidc_gateway_session_store_duration_seconds_count", operation="pop") == 3
+    # Each login marks its state used and creates its session (SET NX both); the states
+    # themselves travelled with the browser, none was stored or taken back (pop).
+    assert value(text, "oidc_gateway_session_store_duration_seconds_count",
+                 operation="set_new") == 4
+    assert value(text, "oidc_gateway_session_store_duration_seconds_count", operation="pop") == 0
     assert value(text, "oidc_gateway_session_store_errors_total") == 0
     assert value(text, "oidc_gateway_provider_ready") == 1
     assert value(text, "oidc_gateway_draining") == 0

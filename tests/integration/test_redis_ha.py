@@ -868,11 +868,20 @@ async def test_a_full_memory_store_refuses_new_sign_ins_but_keeps_signed_in_user
         try:
             async with new_browser() as alice:
                 assert (await browser_login(alice, f"{gw.url}/app")).status == 200
-                # Anyone can start sign-ins; each holds a pending login for 10 minutes.
+                async with new_browser() as flood:
+                    # A usual sign-in start keeps its state in the browser: no flood fills
+                    # the store with them.
+                    for _ in range(20):
+                        async with flood.get(f"{gw.url}/oauth2/start?rd=/app",
+                                             allow_redirects=False) as resp:
+                            assert resp.status == 302
+                # One whose return URL is over 1 KB holds a pending login for 10 minutes.
                 statuses = []
+                long_rd = "/app?" + "v=1&" * 400
                 async with new_browser() as flood:
                     for _ in range(10):
-                        async with flood.get(f"{gw.url}/oauth2/start?rd=/app",
+                        async with flood.get(f"{gw.url}/oauth2/start",
+                                             params={"rd": long_rd},
                                              allow_redirects=False) as resp:
                             statuses.append(resp.status)
                         if resp.status != 302:

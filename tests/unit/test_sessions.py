@@ -18,20 +18,25 @@ from gateway.models import Identity, LoginState, Session, Ticket, TokenSet
 from gateway.sessions import (
     LOGIN_STATE_TTL,
     SessionInvalid,
+    decode_login_blob,
     decode_ticket,
     dump_login_state,
     dump_session,
+    encode_login_blob,
     encode_ticket,
     generate_key,
     key_fingerprint,
     load_login_state,
     load_session,
+    login_bound,
     login_state_expired,
     needs_touch,
     new_ticket,
+    open_login_state,
     pack_session,
     parse_key,
     seal,
+    seal_login_state,
     session_end_reason,
     session_key_id,
     store_ttl,
@@ -487,44 +492,96 @@ def test_load_session_rejects_non_bytes() -> None:
         load_session("{}")  # type: ignore[arg-type]
 
 
+LOGIN = LoginState(
+    state="st", nonce="no", code_verifier="cv" * 30, target="/wiki?x=1", created_at=10.5
+)
+DIGEST = bytes(range(16))
+
+
 def test_login_state_roundtrip() -> None:
-    state = LoginState(
-        state="st", nonce="no", code_verifier="cv" * 30, target="/wiki?x=1", created_at=10.5
-    )
-    assert load_login_state(dump_login_state(state)) == state
+    assert load_login_state(dump_login_state(LOGIN, binding=DIGEST), state="st") == (
+        LOGIN, DIGEST)
+
+
+def _login_obj(**changes: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {"v": 1, "nonce": "n", "code_verifier": "c", "target": "/",
+                           "created_at": 1, "binding": "AAECAwQFBgcICQoLDA0ODw"}
+    obj.update(changes)
+    return {k: v for k, v in obj.items() if v is not ...}
 
 
 @pytest.mark.parametrize(
     "obj",
     [
         {},
-        {"v": 1, "state": "s", "nonce": "n", "code_verifier": "c", "target": "/"},
-        {
-            "v": 1,
-            "state": "s",
-            "nonce": "n",
-            "code_verifier": "c",
-            "target": "/",
-            "created_at": "1",
-        },
-        {"v": 1, "state": 1, "nonce": "n", "code_verifier": "c", "target": "/", "created_at": 1},
-        {"v": 1, "state": "s", "nonce": None, "code_verifier": "c", "target": "/", "created_at": 1},
-        {"v": 2, "state": "s", "nonce": "n", "code_verifier": "c", "target": "/", "created_at": 1},
-        {
-            "v": 1,
-            "state": "s",
-            "nonce": "n",
-            "code_verifier": "c",
-            "target": "/",
-            "created_at": 1,
-            "more": 1,
-        },
+        _login_obj(created_at=...),
+        _login_obj(created_at="1"),
+        _login_obj(nonce=None),
+        _login_obj(nonce=1),
+        _login_obj(v=2),
+        _login_obj(more=1),
+        _login_obj(state="s"),  # the state is never inside: it is made from the blob
+        _login_obj(binding=...),
+        _login_obj(binding="AAECAwQFBgcICQoLDA0ODx"),  # not canonical base64url
+        _login_obj(binding="AAECAwQFBgcICQoLDA0O"),  # 15 bytes
         [],
     ],
 )
 def test_load_login_state_rejects_malformed(obj: Any) -> None:
     with pytest.raises(SessionInvalid):
-        load_login_state(json.dumps(obj).encode())
+        load_login_state(json.dumps(obj).encode(), state="st")
+
+
+def test_a_sealed_login_state_opens_with_its_binding() -> None:
+    binding = secrets.token_bytes(32)
+    blob = seal_login_state(LOGIN, binding=binding, key=KEY_NEW, token_bytes=secrets.token_bytes)
+    state = encode_login_blob(blob)
+    assert decode_login_blob(state) == blob
+    login, digest = open_login_state(blob, keys=[KEY_OLD, KEY_NEW], state=state)
+    assert login == dataclasses.replace(LOGIN, state=state)
+    assert login_bound(digest, binding)
+    assert not login_bound(digest, secrets.token_bytes(32))  # another browser's binding
+    assert not login_bound(digest, None)  # no binding cookie
+    # Nothing of the login or the binding is readable in the state the provider sees.
+    for secret in (LOGIN.nonce, LOGIN.code_verifier, "wiki", binding.hex()):
+        assert secret not in state
+    assert binding not in blob
+
+
+def test_every_sealed_login_state_has_its_own_salt_and_nonce() -> None:
+    blobs = {seal_login_state(LOGIN, binding=b"b" * 32, key=KEY_NEW,
+                              token_bytes=secrets.token_bytes) for _ in range(50)}
+    assert len({blob[:16] for blob in blobs}) == 50
+
+
+def test_a_tampered_truncated_or_foreign_login_state_does_not_open() -> None:
+    blob = seal_login_state(LOGIN, binding=b"b" * 32, key=KEY_NEW, token_bytes=seeded_bytes())
+    for i in range(len(blob)):  # every byte: salt, header, nonce, ciphertext, tag
+        bad = bytearray(blob)
+        bad[i] ^= 0x01
+        with pytest.raises(SessionInvalid):
+            open_login_state(bytes(bad), keys=[KEY_NEW], state="s")
+    for cut in (0, 16, 40, len(blob) - 1):
+        with pytest.raises(SessionInvalid):
+            open_login_state(blob[:cut], keys=[KEY_NEW], state="s")
+    with pytest.raises(SessionInvalid):  # a key that is no longer configured
+        open_login_state(blob, keys=[KEY_OLD], state="s")
+    # A session blob is no login state, even under the same key.
+    ticket = Ticket("id", b"b" * 32)
+    session_blob = seal(dump_session(make_session()), key=KEY_NEW, secret=ticket.secret,
+                        aad=b"s:id", nonce_bytes=b"n" * 12)
+    with pytest.raises(SessionInvalid):
+        open_login_state(b"b" * 16 + session_blob, keys=[KEY_NEW], state="s")
+
+
+def test_an_inline_state_has_one_spelling() -> None:
+    blob = seal_login_state(LOGIN, binding=b"b" * 32, key=KEY_NEW, token_bytes=seeded_bytes())
+    state = encode_login_blob(blob)
+    assert decode_login_blob(state + "=") is None
+    assert decode_login_blob(state + "A") is None  # one char more: no longer whole bytes
+    last = state[-1]
+    respelled = state[:-1] + ("B" if last == "A" else "A")  # other stray low bits
+    assert decode_login_blob(respelled) != blob
 
 
 def test_sealed_session_end_to_end() -> None:
