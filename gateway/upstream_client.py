@@ -36,7 +36,7 @@ Origin = tuple[str, str, int]  # scheme, host, port
 class BodySource(Protocol):
     """What the request body is read from: aiohttp's ``StreamReader`` of the browser's request."""
 
-    async def readany(self) -> bytes: ...
+    async def readchunk(self) -> tuple[bytes, bool]: ...
 
 
 class UpstreamClientError(Exception):
@@ -383,8 +383,12 @@ class _Connection(asyncio.Protocol):
         try:
             while True:
                 self.body_started = True
-                chunk = await body.readany()
+                # One buffered piece at a time, as received: readany() would join all that
+                # is buffered into a new bytes object, a copy of every byte uploaded.
+                chunk, piece_end = await body.readchunk()
                 if not chunk:
+                    if piece_end:  # a chunked body's chunk boundary, not its end
+                        continue
                     break
                 if self.closed:
                     return
