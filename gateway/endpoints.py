@@ -124,6 +124,9 @@ _BINDING_BYTES = 32
 # ("." is not base64url, so the two never meet).
 _INLINE_STATE_CHARS = 1536
 _STORED_STATE_PREFIX = "r."
+# Seconds a used state's mark outlives the state's own expiry: gateway replicas whose clocks
+# differ by up to this much still all refuse it.
+_CLOCK_SKEW = 60.0
 _NO_STORE = "no-store"
 # The gateway's own pages (sign-out confirmation, errors) are never framed: a framed
 # "Sign out" button is a clickjacking target.
@@ -1094,9 +1097,9 @@ class Gateway:
                             reason="login_state_expired", status_hint=400)
         if not stored:
             # One mark per blob (canonical base64url: one spelling each), kept as long as the
-            # state could still be used.
+            # state could still be used, by this clock or a replica's a little behind it.
             mark = base64.urlsafe_b64encode(hashlib.sha256(blob).digest()).decode()
-            if not await self.store.set_new(f"l:used:{mark}", b"1", left):
+            if not await self.store.set_new(f"l:used:{mark}", b"1", left + _CLOCK_SKEW):
                 raise unknown
         return login, bound_to
 
