@@ -188,16 +188,24 @@ class SessionCache:
         return key in self._entries
 
     def begin(self, key: str) -> object:
-        """Mark the start of a store read of ``key``; pass the token to :meth:`fill`."""
-        token = object()
-        self._loading[key] = token
+        """Mark the start of a store read of ``key``; pass the token to :meth:`fill`.
+
+        Reads that overlap with no invalidation between them share one token, and the first
+        to finish fills the entry: all of them began after the last change of ``key`` was
+        announced. (A token per read let every new read void the ones before it: under steady
+        concurrent load of one session no read ever finished last, and every request missed.)
+        """
+        token = self._loading.get(key)
+        if token is None:
+            token = self._loading[key] = object()
         if self._misses is not None:  # every store read is a miss of the cache
             self._misses.inc()
         return token
 
     def fill(self, key: str, token: object, blob: bytes | None) -> _Entry | None:
-        """Keep what the read of ``key`` returned, unless ``key`` was invalidated (or another
-        read began) since :meth:`begin`, or the cache may not be trusted now."""
+        """Keep what the read of ``key`` returned, unless ``key`` was invalidated since
+        :meth:`begin`, a read begun with it filled first, or the cache may not be trusted
+        now."""
         if self._loading.get(key) is not token:
             return None
         del self._loading[key]

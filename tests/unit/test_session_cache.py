@@ -54,12 +54,43 @@ def test_an_invalidation_during_a_read_keeps_the_old_value_out() -> None:
     assert c.lookup("s:1") is None
 
 
-def test_of_two_overlapping_reads_only_the_last_fills() -> None:
+def test_of_overlapping_reads_the_first_to_finish_fills() -> None:
     c = cache(Clock())
     first = c.begin("s:1")
     second = c.begin("s:1")
-    assert c.fill("s:1", first, b"a") is None
     assert c.fill("s:1", second, b"b") is not None
+    assert c.fill("s:1", first, b"a") is None  # already filled: the entry stays
+    entry = c.lookup("s:1")
+    assert entry is not None
+    assert entry.blob == b"b"
+
+
+def test_a_read_begun_before_an_invalidation_never_fills() -> None:
+    c = cache(Clock())
+    before = c.begin("s:1")
+    c.invalidate("s:1")
+    after = c.begin("s:1")
+    assert c.fill("s:1", before, b"old") is None
+    assert c.lookup("s:1") is None
+    assert c.fill("s:1", after, b"new") is not None
+
+
+def test_steady_concurrent_reads_of_one_session_fill_the_cache() -> None:
+    """50 requests of one session always in flight, each read finishing after the next one
+    began (a busy dashboard, or an entry that just expired under load): the cache fills at
+    the first read that finishes, and the rest are hits."""
+    c = cache(Clock())
+    in_flight = [c.begin("s:1") for _ in range(50)]
+    reads = 0
+    for _ in range(200):
+        if c.holds("s:1"):
+            break
+        token = in_flight.pop(0)
+        in_flight.append(c.begin("s:1"))  # the next request arrives before this read ends
+        c.fill("s:1", token, b"sealed")
+        reads += 1
+    assert c.lookup("s:1") is not None
+    assert reads == 1
 
 
 def test_absent_sessions_are_never_cached() -> None:
