@@ -495,11 +495,6 @@ def server_options(config: Config) -> dict[str, object]:
     server = config.server
     return {
         "auto_decompress": False,  # forward compressed bodies byte for byte
-        # A request body's read buffer (aiohttp: 64 KiB, paused at twice that). Uploads
-        # arrive in ~250 KB socket reads here, so at 64 KiB every read paused and resumed the
-        # socket: 256 KiB streams a 10 MB upload with ~10 % less CPU, holding at most 512 KiB
-        # per uploading connection (1 MiB gained another 10 % for 2 MiB each: not taken).
-        "read_bufsize": 2**18,
         "keepalive_timeout": server.keepalive_timeout,
         "max_headers": server.max_header_count + 1,
         "max_field_size": max(server.max_header_bytes, MAX_REQUEST_LINE + 1),

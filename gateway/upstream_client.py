@@ -36,7 +36,7 @@ Origin = tuple[str, str, int]  # scheme, host, port
 class BodySource(Protocol):
     """What the request body is read from: aiohttp's ``StreamReader`` of the browser's request."""
 
-    async def readchunk(self) -> tuple[bytes, bool]: ...
+    async def readany(self) -> bytes: ...
 
 
 class UpstreamClientError(Exception):
@@ -383,12 +383,8 @@ class _Connection(asyncio.Protocol):
         try:
             while True:
                 self.body_started = True
-                # One buffered piece at a time, as received: readany() would join all that
-                # is buffered into a new bytes object, a copy of every byte uploaded.
-                chunk, piece_end = await body.readchunk()
+                chunk = await body.readany()
                 if not chunk:
-                    if piece_end:  # a chunked body's chunk boundary, not its end
-                        continue
                     break
                 if self.closed:
                     return

@@ -486,8 +486,8 @@ class QueuedBody:
     def __init__(self) -> None:
         self.parts: asyncio.Queue[bytes] = asyncio.Queue()
 
-    async def readchunk(self) -> tuple[bytes, bool]:
-        return await self.parts.get(), False
+    async def readany(self) -> bytes:
+        return await self.parts.get()
 
 
 async def test_client_never_reuses_a_connection_while_its_request_body_is_unsent(
