@@ -127,6 +127,8 @@ _STORED_STATE_PREFIX = "r."
 # Seconds a used state's mark outlives the state's own expiry: gateway replicas whose clocks
 # differ by up to this much still all refuse it.
 _CLOCK_SKEW = 60.0
+# Without the session cache's shared ping, the store is checked for a sign-in at most this often.
+_STORE_CHECK_EVERY = 0.5
 _NO_STORE = "no-store"
 # The gateway's own pages (sign-out confirmation, errors) are never framed: a framed
 # "Sign out" button is a clickjacking target.
@@ -277,6 +279,8 @@ class Gateway:
         self.config = config
         # Recently used sessions of this process (None: off); kept correct by the store.
         self.session_cache = session_cache
+        # When the store last answered a sign-in's check (_check_store_for_login).
+        self._store_answered_at = -math.inf
         # The signed identity assertion's keys; None when no route has assertion: true.
         self.assertion_keys = assertion_keys
         # Each route's identity headers (headers:, merged with the route's own), by name.
@@ -984,12 +988,7 @@ class Gateway:
             )
         redirect_uri = self._redirect_uri(facts)
         self._check_cookie_reach(facts, redirect_uri)
-        # The callback needs the store (single use, the session): nobody is sent to the
-        # provider for a sign-in that could not finish. With the session cache's live
-        # subscription this is the ping every request of an event-loop turn shares.
-        cache = self.session_cache
-        if cache is None or not await cache.confirmed():
-            await self.store.ping()
+        await self._check_store_for_login()
         binding = self._binding(request) or self.token_bytes(_BINDING_BYTES)
         login = new_login_state(target=target, now=self.clock(), token_bytes=self.token_bytes)
         blob = seal_login_state(login, binding=binding, key=self.keys[0],
@@ -1018,6 +1017,23 @@ class Gateway:
             path="/",
         )
         return response
+
+    async def _check_store_for_login(self) -> None:
+        """Raise SessionStoreError (503) when the store is down: a sign-in's callback needs it
+        (single use, the session), so nobody is sent to the provider for one that could not
+        finish. With the session cache's live subscription this is the ping all requests of
+        an event-loop turn share; without it (Redis Cluster, ``session.cache.ttl: 0``) one
+        PING, repeated at most every ``_STORE_CHECK_EVERY`` seconds however many sign-ins
+        start: a flood of them must not become a flood of PINGs, to every master of a
+        Cluster."""
+        cache = self.session_cache
+        if cache is not None and await cache.confirmed():
+            return
+        now = time.monotonic()
+        if now - self._store_answered_at < _STORE_CHECK_EVERY:
+            return
+        await self.store.ping()
+        self._store_answered_at = time.monotonic()
 
     def _check_cookie_reach(self, facts: RequestFacts, redirect_uri: str) -> None:
         """Refuse to start a login that cannot finish: the binding cookie set here must reach

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 from yarl import URL
 
 from tests.integration.attacks_common import (
@@ -106,6 +107,47 @@ async def assert_recovered(world: World, alice: str, bob: str) -> None:
             assert record is not None
             got = {k.lower(): v for k, v in record["headers"]}
             assert got["x-forwarded-user"] == user
+
+
+def _pings(port: int) -> int:
+    """PING commands the Redis on ``port`` has answered so far (INFO commandstats)."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return int(stats.get("cmdstat_ping", {}).get("calls", 0))
+
+
+@pytest.mark.redis
+async def test_without_the_session_cache_a_flood_of_sign_ins_is_no_flood_of_pings(
+    oidc_provider: Any, redis_server_factory: Any, tmp_path: Path
+) -> None:
+    """With ``session.cache.ttl: 0`` (as on a Redis Cluster) a sign-in checks the store with a
+    PING of its own; a flood of anonymous navigations checks it at most twice a second, and a
+    Redis that stops still turns them into 503 within a second."""
+    server = redis_server_factory()
+    async with gateway_world(
+        tmp_path, issuer=oidc_provider.issuer, client=register_at(oidc_provider),
+        store="redis", redis_url=server.url,
+        session={"redis_timeout": f"{REDIS_TIMEOUT}s", "cache": {"ttl": 0}},
+    ) as world:
+        before = _pings(server.port)
+        started = time.monotonic()
+        for i in range(200):
+            status, _, _, _ = await answer(f"{world.url}/page/{i}", HTML)
+            assert status == 302
+        took = time.monotonic() - started
+        checks = _pings(server.port) - before
+        assert 1 <= checks <= took / 0.5 + 2, (checks, took)
+        server.stop()
+        deadline = time.monotonic() + 3.0
+        while True:
+            status, _, text, _ = await answer(f"{world.url}/after", HTML)
+            if status != 302 or time.monotonic() > deadline:
+                break
+        assert status == 503  # within 3 s: a check every 0.5 s, then the store's timeout
+        assert "Traceback" not in text
 
 
 @pytest.mark.redis
