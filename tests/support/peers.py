@@ -35,7 +35,11 @@ OP_DIR = Path(__file__).resolve().parent.parent / "op"
 OP_PACKAGE = "oidc-provider"
 
 REDIS_START_DEADLINE = 15.0
-OP_START_DEADLINE = 90.0  # generous: under a full -n 2 run node has taken >30 s to listen
+# Per attempt, two attempts. Generous: under a full -n 2 run node has taken >30 s to listen,
+# and once (CI, 2026-11-25) it hung after its first log line for all of 90 s, then every test
+# using it failed: a second launch turns such a hang into a delay.
+OP_START_DEADLINE = 60.0
+OP_START_ATTEMPTS = 2
 NPM_CI_DEADLINE = 300.0
 STOP_DEADLINE = 5.0
 POLL_INTERVAL = 0.02  # between probes of a bounded wait, not a guess at readiness
@@ -500,8 +504,16 @@ class OidcProviderServer(OidcProvider):
         self.process.start()
 
     def wait_ready(self) -> None:
-        self.process.wait_until(self._answers, OP_START_DEADLINE,
-                                "it serves its discovery document")
+        for attempt in range(1, OP_START_ATTEMPTS + 1):
+            try:
+                self.process.wait_until(self._answers, OP_START_DEADLINE,
+                                        "it serves its discovery document")
+                return
+            except PeerError:
+                # wait_until stopped it (or it exited): launch it again, same port, once.
+                if attempt == OP_START_ATTEMPTS:
+                    raise
+                self.launch()
 
     def stop(self) -> None:
         self.process.stop()
