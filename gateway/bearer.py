@@ -24,7 +24,6 @@ Why it is built this way:
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -40,6 +39,7 @@ from gateway.oidc import (
     KeySet,
     basic_authorization,
     identity_from_claims,
+    json_object,
     number_claim,
     premature_claim,
     signed_access_token,
@@ -266,11 +266,8 @@ def parse_introspection(status: int, body: bytes) -> dict[str, Any] | None:
             reason="introspection_unavailable",
             status_hint=503,
         )
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        doc = None
-    if not isinstance(doc, dict) or not isinstance(doc.get("active"), bool):
+    doc = json_object(body)
+    if doc is None or not isinstance(doc.get("active"), bool):
         raise OIDCError(
             "The provider's introspection endpoint answered something other than a JSON "
             'object with a boolean "active".',

@@ -22,13 +22,13 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import json
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from gateway.errors import GatewayError
+from gateway.oidc import json_object
 
 __all__ = ["MAX_PAGES", "GraphError", "member_groups"]
 
@@ -113,10 +113,7 @@ async def _get(
         raise GraphError(
             f"Microsoft Graph at {where} cannot be reached ({type(exc).__name__})."
         ) from None
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise GraphError("Microsoft Graph answered something other than JSON.") from None
-    if not isinstance(doc, dict):
+    doc = json_object(body)
+    if doc is None:
         raise GraphError("Microsoft Graph answered something other than a JSON object.")
     return doc

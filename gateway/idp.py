@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -415,11 +414,8 @@ class IdentityProvider:
                 reason="userinfo_error",
                 status_hint=502,
             )
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            doc = None
-        if not isinstance(doc, dict):
+        doc = oidc.json_object(body)
+        if doc is None:
             raise OIDCError(
                 f"The userinfo endpoint at {endpoint} answered something other than a JSON "
                 "object (signed or encrypted userinfo is not supported).",

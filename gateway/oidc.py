@@ -53,6 +53,7 @@ __all__ = [
     "groups_overage",
     "id_token_expiry",
     "identity_from_claims",
+    "json_object",
     "needs_refresh",
     "new_login_state",
     "parse_callback",
@@ -121,6 +122,16 @@ def _invalid(message: str) -> OIDCError:
 
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def json_object(body: bytes | bytearray) -> dict[str, Any] | None:
+    """A provider's answer body as a JSON object, or None when it is not one (not JSON, not
+    UTF-8, or JSON of another type): each caller says in its own words what it expected."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _printable(value: object, limit: int = MAX_PROVIDER_TEXT) -> str:
@@ -214,11 +225,8 @@ def parse_discovery(body: bytes, *, expected_issuer: str) -> ProviderMetadata:
     the metadata then holds discovery's spelling, which tokens must carry exactly. Anything else
     raises ``OIDCError(reason="discovery_invalid")``.
     """
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise _discovery_invalid("the discovery document is not JSON") from None
-    if not isinstance(doc, dict):
+    doc = json_object(body)
+    if doc is None:
         raise _discovery_invalid("the discovery document is not a JSON object")
     issuer = doc.get("issuer")
     if not isinstance(issuer, str):
@@ -502,12 +510,9 @@ def parse_token_response(
     that is not the JSON we need → ``provider_error`` (502). With ``require_id_token=False``
     (refresh: OIDC Core §12.2 lets the provider omit it) a missing ID token gives ``id_token=""``.
     """
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        doc = None
+    doc = json_object(body)
     if status != 200:
-        if 400 <= status < 500 and isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        if 400 <= status < 500 and doc is not None and isinstance(doc.get("error"), str):
             code = _printable(doc["error"], 64) or "unknown"
             description = _printable(doc.get("error_description", ""))
             detail = f" ({description})" if description else ""
@@ -519,7 +524,7 @@ def parse_token_response(
         raise _provider_error(
             f"The sign-in service's token endpoint answered HTTP {status}. Try again later."
         )
-    if not isinstance(doc, dict):
+    if doc is None:
         raise _provider_error("The sign-in service's token endpoint answered something not JSON.")
     access_token = doc.get("access_token")
     if not isinstance(access_token, str) or not access_token:
@@ -647,11 +652,8 @@ def parse_jwks(body: bytes) -> KeySet:
     reduced to its public part. A body that is not a JWKS at all raises
     ``OIDCError(reason="jwks_invalid")``; a JWKS without a usable key gives an empty KeySet.
     """
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise OIDCError("the JWKS is not JSON", reason="jwks_invalid", status_hint=502) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+    doc = json_object(body)
+    if doc is None or not isinstance(doc.get("keys"), list):
         raise OIDCError(
             'the JWKS is not a JSON object with a "keys" list',
             reason="jwks_invalid",

@@ -32,6 +32,7 @@ from gateway.oidc import (
     discovery_url,
     end_session_url,
     identity_from_claims,
+    json_object,
     needs_refresh,
     new_login_state,
     parse_callback,
@@ -1105,3 +1106,13 @@ def test_end_session_url_none_without_endpoint() -> None:
 def test_login_state_type_is_the_shared_model() -> None:
     login = new_login_state(target="/", now=NOW, token_bytes=counter_bytes())
     assert isinstance(login, LoginState)
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"not json", b"[1]", b'"text"', b"null", b"\xff\xfe{}", b"{"])
+def test_an_answer_that_is_no_json_object_is_none(body: bytes) -> None:
+    assert json_object(body) is None
+
+
+def test_an_answer_that_is_a_json_object_is_that_object() -> None:
+    assert json_object(bytearray(b'{"active": true, "n": [1]}')) == {"active": True, "n": [1]}
