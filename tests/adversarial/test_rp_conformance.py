@@ -278,9 +278,12 @@ async def test_rp_token_endpoint_client_secret_post(post: World) -> None:
     pytest.param("post", "client_secret_basic", id="post-sent-basic-required"),
 ])
 async def test_client_authentication_refused_by_provider(
-    world_name: str, required: str, request: pytest.FixtureRequest
+    world_name: str, required: str, main: World, post: World
 ) -> None:
-    world: World = request.getfixturevalue(world_name)
+    # Both worlds as arguments, not request.getfixturevalue(): an async module fixture first
+    # set up from inside a running test cannot start (pytest-asyncio's runner is busy), and
+    # with -n 2 this test may be the first on its worker to need the post world.
+    world = {"main": main, "post": post}[world_name]
     world.provider.script = Script(client_auth=required)  # type: ignore[arg-type]
     await rejected(world, status=401, says="invalid_client")
 
