@@ -16,27 +16,25 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 from joserfc.jwk import Key, RSAKey
 
 from tests.adversarial.provider import DROP, SUB, AdversarialProvider, Script
 from tests.adversarial.world import (
     HTML,
     SESSION_COOKIE,
+    Lab,
     World,
     assert_rejected,
     jar_has,
     new_browser,
-    running_world,
+    running_lab,
     sign_in,
 )
-from tests.support.upstream import Upstream, running_upstream
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.redis]
 
@@ -59,38 +57,23 @@ def keys() -> Keys:
     return Keys(rsa("r1"), rsa("r3"))
 
 
-@dataclass
-class Lab:
-    upstream: Upstream
-    redis: aioredis.Redis
-    redis_port: int
-    directory: Path
+def claims_world(
+    lab: Lab,
+    name: str,
+    keys: list[Key],
+    claims: dict[str, Any],
+    extra: Callable[[AdversarialProvider], dict[str, Any]] | None = None,
+) -> AbstractAsyncContextManager[World]:
+    """A gateway whose ``provider.claims`` are ``claims`` (userinfo off: every claim comes
+    from the tokens the script shapes), with the routes of :func:`routes`."""
 
-    def world(
-        self,
-        name: str,
-        keys: list[Key],
-        claims: dict[str, Any],
-        extra: Callable[[AdversarialProvider], dict[str, Any]] | None = None,
-    ) -> AbstractAsyncContextManager[World]:
-        """A gateway whose ``provider.claims`` are ``claims`` (userinfo off: every claim
-        comes from the tokens the script shapes), with the routes of :func:`routes`."""
-
-        def adjust(provider: AdversarialProvider, config: dict[str, Any]) -> None:
-            config["provider"].update(
-                {"claims": claims, "userinfo": False, **(extra(provider) if extra else {})}
-            )
-            config["routes"] = routes(self.upstream.url)
-
-        return running_world(
-            name,
-            upstream=self.upstream,
-            redis=self.redis,
-            redis_port=self.redis_port,
-            directory=self.directory,
-            keys=keys,
-            adjust=adjust,
+    def adjust(provider: AdversarialProvider, config: dict[str, Any]) -> None:
+        config["provider"].update(
+            {"claims": claims, "userinfo": False, **(extra(provider) if extra else {})}
         )
+        config["routes"] = routes(lab.upstream.url)
+
+    return lab.world(name, keys, adjust=adjust)
 
 
 def routes(upstream: str) -> list[dict[str, Any]]:
@@ -110,38 +93,29 @@ def routes(upstream: str) -> list[dict[str, Any]]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def lab(peer_info: Any, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
-    if peer_info.redis_error or not peer_info.redis_port:
-        pytest.fail(
-            f"the shared redis-server did not start: {peer_info.redis_error}", pytrace=False
-        )
-    port = int(peer_info.redis_port)
-    client = aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=2.0)
-    try:
-        async with running_upstream() as upstream:
-            yield Lab(upstream, client, port, tmp_path_factory.mktemp("claims"))
-    finally:
-        await client.aclose()
+    async with running_lab(peer_info, tmp_path_factory.mktemp("claims")) as lab:
+        yield lab
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def keycloak_world(lab: Lab, keys: Keys) -> AsyncIterator[World]:
     claims = {"groups": ROLES_PATH, "groups_from": ["access_token"]}
-    async with lab.world("keycloak", [keys.r1], claims) as world:
+    async with claims_world(lab, "keycloak", [keys.r1], claims) as world:
         yield world
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cognito_world(lab: Lab, keys: Keys) -> AsyncIterator[World]:
     claims = {"groups": '["cognito:groups"]', "user": '["cognito:username"]'}
-    async with lab.world("cognito", [keys.r1], claims) as world:
+    async with claims_world(lab, "cognito", [keys.r1], claims) as world:
         yield world
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def entra_world(lab: Lab, keys: Keys) -> AsyncIterator[World]:
     claims = {"email_verified": "xms_edov", "groups_overage": "graph"}
-    async with lab.world(
-        "entra", [keys.r1], claims, extra=lambda p: {"graph_url": p.issuer}
+    async with claims_world(
+        lab, "entra", [keys.r1], claims, extra=lambda p: {"graph_url": p.issuer}
     ) as world:
         yield world
 
@@ -150,7 +124,7 @@ async def entra_world(lab: Lab, keys: Keys) -> AsyncIterator[World]:
 async def workspace_world(lab: Lab, keys: Keys) -> AsyncIterator[World]:
     """Google's hosted domain and Okta's groups cap, in one gateway (they are independent)."""
     claims = {"hosted_domain": "hd", "groups_cap": 100}
-    async with lab.world("workspace", [keys.r1], claims) as world:
+    async with claims_world(lab, "workspace", [keys.r1], claims) as world:
         yield world
 
 

@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 from joserfc.jwk import RSAKey
 
 from tests.adversarial.provider import DROP, SUB, AdversarialProvider, Script
@@ -43,15 +40,15 @@ from tests.adversarial.world import (
     CLIENT_SECRET,
     HTML,
     START_PATH,
+    Lab,
     World,
     assert_accepted,
     assert_rejected,
     new_browser,
+    running_lab,
     sign_in,
 )
 from tests.support.gateway_proc import free_port, gateway_config, start_gateway
-from tests.support.peers import delete_prefix
-from tests.support.upstream import Upstream, running_upstream
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.redis]
 
@@ -61,77 +58,45 @@ ProviderExtra = Callable[[AdversarialProvider], dict[str, Any]]
 
 
 @dataclass
-class Lab:
-    upstream: Upstream
-    redis: aioredis.Redis
-    redis_port: int
-    directory: Path
-    key: RSAKey
+class PresetLab(Lab):
+    key: RSAKey  # the one key every provider here signs with
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def lab(peer_info: Any, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
-    if peer_info.redis_error or not peer_info.redis_port:
-        pytest.fail(
-            f"the shared redis-server did not start: {peer_info.redis_error}", pytrace=False
-        )
-    port = int(peer_info.redis_port)
-    client = aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=2.0)
+async def lab(
+    peer_info: Any, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[PresetLab]:
     key = RSAKey.generate_key(2048, parameters={"kid": "p1", "use": "sig"})
-    try:
-        async with running_upstream() as upstream:
-            yield Lab(upstream, client, port, tmp_path_factory.mktemp("presets"), key)
-    finally:
-        await client.aclose()
+    async with running_lab(peer_info, tmp_path_factory.mktemp("presets")) as base:
+        yield PresetLab(base.upstream, base.redis, base.redis_port, base.directory, key)
 
 
-@asynccontextmanager
-async def preset_world(
-    lab: Lab,
+def preset_world(
+    lab: PresetLab,
     name: str,
     *,
     provider_extra: ProviderExtra,
     issuer: Callable[[AdversarialProvider], str] | None = None,
     session_extra: dict[str, Any] | None = None,
     **provider_options: Any,
-) -> AsyncIterator[World]:
+) -> AbstractAsyncContextManager[World]:
     """A provider profile and a gateway configured for it. ``provider_extra`` and ``issuer``
     see the started provider (its port is only known then); the gateway's ``scopes`` are left
     to the preset."""
-    port = free_port()
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    prefix = f"presets:{worker}:{name}:{uuid.uuid4().hex[:8]}:"
-    async with AdversarialProvider(
-        client_id=CLIENT_ID,
-        client_secret=CLIENT_SECRET,
-        redirect_uri=f"http://127.0.0.1:{port}/oauth2/callback",
-        keys=[lab.key],
-        **provider_options,
-    ) as provider:
-        config = gateway_config(
-            port=port,
-            issuer=issuer(provider) if issuer else provider.issuer,
-            client_id=CLIENT_ID,
-            client_secret=CLIENT_SECRET,
-            upstream=lab.upstream.url,
-            store="redis",
-            redis_url=f"redis://127.0.0.1:{lab.redis_port}/0",
-            key_prefix=prefix,
-            session_extra=session_extra,
-            provider_extra={"timeout": "2s", **provider_extra(provider)},
-        )
+
+    def adjust(provider: AdversarialProvider, config: dict[str, Any]) -> None:
+        config["provider"].update(provider_extra(provider))
+        if issuer is not None:
+            config["provider"]["issuer"] = issuer(provider)
         del config["provider"]["scopes"]
-        gateway = await start_gateway(config, directory=lab.directory / name)
-        try:
-            yield World(name, provider, gateway, lab.upstream, lab.redis, prefix)
-        finally:
-            gateway.stop()
-            delete_prefix(lab.redis_port, prefix)
+        config["session"].update(session_extra or {})
+
+    return lab.world(name, [lab.key], adjust=adjust, **provider_options)
 
 
 def _module_world(name: str, provider_extra: ProviderExtra, **options: Any) -> Any:
     @pytest_asyncio.fixture(scope="module", loop_scope="module")
-    async def world(lab: Lab) -> AsyncIterator[World]:
+    async def world(lab: PresetLab) -> AsyncIterator[World]:
         async with preset_world(lab, name, provider_extra=provider_extra, **options) as w:
             yield w
 
@@ -374,7 +339,7 @@ async def test_split_horizon_calls_the_provider_internally_and_sends_the_browser
     assert [path for site, path in p.hits if site == "public"] == ["/authorize"]
 
 
-async def test_split_horizon_discovery_and_jwks_go_internal(lab: Lab) -> None:
+async def test_split_horizon_discovery_and_jwks_go_internal(lab: PresetLab) -> None:
     async with preset_world(
         lab,
         "split-start",
@@ -393,7 +358,9 @@ async def test_split_horizon_token_with_the_internal_issuer_is_refused(split: Wo
     assert split.provider.internal_origin != split.provider.issuer
 
 
-async def test_split_horizon_discovery_naming_the_internal_issuer_is_refused(lab: Lab) -> None:
+async def test_split_horizon_discovery_naming_the_internal_issuer_is_refused(
+    lab: PresetLab,
+) -> None:
     """Keycloak without a fixed hostname names whatever host it was asked through: the
     gateway must not take the internal name for the issuer, so it never becomes ready."""
     port = free_port()

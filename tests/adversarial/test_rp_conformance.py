@@ -20,29 +20,26 @@ import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
-from joserfc.jwk import ECKey, Key, RSAKey
+from joserfc.jwk import ECKey, RSAKey
 
 from tests.adversarial.provider import DROP, SUB, Script, TokenFailure, b64url
 from tests.adversarial.world import (
     CLIENT_ID,
     CLIENT_SECRET,
+    Lab,
     Walk,
     World,
     assert_accepted,
     assert_rejected,
     new_browser,
-    running_world,
+    running_lab,
     sign_in,
 )
-from tests.support.upstream import Upstream, running_upstream
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.redis]
 
@@ -71,41 +68,10 @@ def keys() -> Keys:
     return Keys(rsa("r1"), rsa("r2"), rsa("r3"), ec("e1"), ec("e2"))
 
 
-@dataclass
-class Lab:
-    """What every world shares: the echo upstream, the test run's Redis, a directory."""
-
-    upstream: Upstream
-    redis: aioredis.Redis
-    redis_port: int
-    directory: Path
-
-    def world(
-        self, name: str, keys: list[Key], **options: Any
-    ) -> AbstractAsyncContextManager[World]:
-        return running_world(
-            name,
-            upstream=self.upstream,
-            redis=self.redis,
-            redis_port=self.redis_port,
-            directory=self.directory,
-            keys=keys,
-            **options,
-        )
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def lab(peer_info: Any, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
-    if peer_info.redis_error or not peer_info.redis_port:
-        pytest.fail(f"the shared redis-server did not start: {peer_info.redis_error}",
-                    pytrace=False)
-    port = int(peer_info.redis_port)
-    client = aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=2.0)
-    try:
-        async with running_upstream() as upstream:
-            yield Lab(upstream, client, port, tmp_path_factory.mktemp("adversarial"))
-    finally:
-        await client.aclose()
+    async with running_lab(peer_info, tmp_path_factory.mktemp("adversarial")) as lab:
+        yield lab
 
 
 # The main provider announces HS256 and none besides RS256/ES256 (a gateway that trusts

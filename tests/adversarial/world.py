@@ -21,13 +21,14 @@ import os
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 from joserfc.jwk import Key
 from multidict import CIMultiDictProxy
@@ -35,7 +36,7 @@ from multidict import CIMultiDictProxy
 from tests.adversarial.provider import AdversarialProvider
 from tests.support.gateway_proc import GatewayProcess, free_port, gateway_config, start_gateway
 from tests.support.peers import delete_prefix
-from tests.support.upstream import Upstream
+from tests.support.upstream import Upstream, running_upstream
 
 CLIENT_ID = "gateway-rp"
 # Characters that RFC 6749 §2.3.1 form-urlencoding changes, to catch a naive Basic header.
@@ -80,6 +81,46 @@ class World:
 
     def calls_since(self, before: Snapshot, endpoint: str) -> int:
         return self.provider.calls[endpoint] - before.calls[endpoint]
+
+
+@dataclass
+class Lab:
+    """What every world of a test module shares: the echo upstream, the test run's Redis, a
+    directory."""
+
+    upstream: Upstream
+    redis: aioredis.Redis
+    redis_port: int
+    directory: Path
+
+    def world(
+        self, name: str, keys: list[Key], **options: Any
+    ) -> AbstractAsyncContextManager[World]:
+        """:func:`running_world` in this lab."""
+        return running_world(
+            name,
+            upstream=self.upstream,
+            redis=self.redis,
+            redis_port=self.redis_port,
+            directory=self.directory,
+            keys=keys,
+            **options,
+        )
+
+
+@asynccontextmanager
+async def running_lab(peer_info: Any, directory: Path) -> AsyncIterator[Lab]:
+    """A module's :class:`Lab` on the shared redis-server (``peer_info``), with its own upstream."""
+    if peer_info.redis_error or not peer_info.redis_port:
+        pytest.fail(f"the shared redis-server did not start: {peer_info.redis_error}",
+                    pytrace=False)
+    port = int(peer_info.redis_port)
+    client = aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=2.0)
+    try:
+        async with running_upstream() as upstream:
+            yield Lab(upstream, client, port, directory)
+    finally:
+        await client.aclose()
 
 
 @asynccontextmanager
