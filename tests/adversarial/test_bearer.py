@@ -14,24 +14,18 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 from joserfc.jwk import ECKey, RSAKey
 from multidict import CIMultiDict
 
 from tests.adversarial.provider import DROP, AdversarialProvider, TokenFailure, b64url
-from tests.support.gateway_proc import GatewayProcess, free_port, gateway_config, start_gateway
-from tests.support.peers import delete_prefix
-from tests.support.upstream import Upstream, running_upstream
+from tests.adversarial.world import World, running_lab
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.redis]
 
@@ -50,16 +44,8 @@ class Keys:
 
 
 @dataclass
-class Api:
-    provider: AdversarialProvider
-    gateway: GatewayProcess
-    upstream: Upstream
-    redis: aioredis.Redis
-    prefix: str
+class Api(World):
     keys: Keys
-
-    async def sessions(self) -> int:
-        return len([k async for k in self.redis.scan_iter(match=f"{self.prefix}s:*")])
 
 
 @dataclass
@@ -136,47 +122,16 @@ def keys() -> Keys:
 async def api_world(
     peer_info: Any, keys: Keys, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Api]:
-    if peer_info.redis_error or not peer_info.redis_port:
-        pytest.fail(
-            f"the shared redis-server did not start: {peer_info.redis_error}", pytrace=False
-        )
-    redis_port = int(peer_info.redis_port)
-    port = free_port()
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    prefix = f"bearer:{worker}:{uuid.uuid4().hex[:8]}:"
-    redis = aioredis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=2.0)
-    directory: Path = tmp_path_factory.mktemp("bearer")
-    try:
-        async with (
-            running_upstream() as upstream,
-            AdversarialProvider(
-                client_id=CLIENT_ID,
-                client_secret=CLIENT_SECRET,
-                redirect_uri=f"http://127.0.0.1:{port}/oauth2/callback",
-                keys=[keys.r1, keys.e1],
-            ) as provider,
-        ):
-            config = gateway_config(
-                port=port,
-                issuer=provider.issuer,
-                client_id=CLIENT_ID,
-                client_secret=CLIENT_SECRET,
-                upstream=upstream.url,
-                store="redis",
-                redis_url=f"redis://127.0.0.1:{redis_port}/0",
-                key_prefix=prefix,
-                routes=_routes(upstream.url),
-                # Short: the hanging introspection case, and a rotation a test can wait for.
-                provider_extra={"timeout": "2s", "jwks_refetch_interval": "1s"},
-            )
-            gateway = await start_gateway(config, directory=directory)
-            try:
-                yield Api(provider, gateway, upstream, redis, prefix, keys)
-            finally:
-                gateway.stop()
-                delete_prefix(redis_port, prefix)
-    finally:
-        await redis.aclose()
+    def adjust(provider: AdversarialProvider, config: dict[str, Any]) -> None:
+        config["routes"] = _routes(lab.upstream.url)
+
+    async with (
+        running_lab(peer_info, tmp_path_factory.mktemp("bearer")) as lab,
+        # Short JWKS refetch: a rotation a test can wait for.
+        lab.world("bearer", [keys.r1, keys.e1], adjust=adjust,
+                  provider_extra={"jwks_refetch_interval": "1s"}) as w,
+    ):
+        yield Api(w.name, w.provider, w.gateway, w.upstream, w.redis, w.prefix, keys)
 
 
 @pytest.fixture
