@@ -10,16 +10,12 @@ process it started is stopped on the way out. Redis and the test OpenID Provider
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import http.client
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +23,15 @@ from typing import Any
 import yaml
 
 from tests.support.gateway_proc import gateway_config, new_session_key
-from tests.support.peers import OidcProviderServer, RedisServer, ensure_op_installed, free_port
+from tests.support.peers import (
+    ChildProcess,
+    OidcProviderServer,
+    PeerError,
+    RedisServer,
+    ensure_op_installed,
+    free_port,
+    tail,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -37,26 +41,11 @@ NGINX_LOCATIONS = BENCH_DIR / "upstream" / "locations.conf"
 SMALL_BODY = b"upstream ok: fixed 64-byte benchmark body .....................\n"
 ONE_MIB = 1024 * 1024
 START_DEADLINE = 30.0
-STOP_DEADLINE = 5.0
-POLL = 0.05  # between probes of a bounded wait
-
-_PR_SET_PDEATHSIG = 1
 
 
-class HarnessError(RuntimeError):
-    """A server could not be started or is missing; the message says what to install or read."""
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(no log: {exc})"
+# What a server that cannot start or is missing raises; the message says what to install or
+# read. The same error as the test peers' (the bench starts its servers with their ChildProcess).
+HarnessError = PeerError
 
 
 def find_program(name: str, debian_package: str) -> str:
@@ -66,67 +55,6 @@ def find_program(name: str, debian_package: str) -> str:
     if not found:
         raise HarnessError(f"{name} is not installed (Debian: apt-get install {debian_package})")
     return found
-
-
-class Service:
-    """One server process, leader of its own process group, output in a log file."""
-
-    def __init__(self, name: str, args: Sequence[str], log_path: Path, *,
-                 env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
-        self.name = name
-        self.args = list(args)
-        self.log_path = log_path
-        self.env = dict(env) if env is not None else None
-        self.cwd = cwd
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise HarnessError(f"{self.name} is not started")
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        # PDEATHSIG follows the thread that forks: only set it from the main thread.
-        preexec = _die_with_parent if threading.current_thread() is threading.main_thread() \
-            else None
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(  # noqa: S603 - fixed argument lists built here
-                self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self.env, cwd=self.cwd, start_new_session=True, preexec_fn=preexec,
-            )
-
-    def wait_until(self, ready: Callable[[], bool], what: str,
-                   deadline_s: float = START_DEADLINE) -> None:
-        deadline = time.monotonic() + deadline_s
-        while not ready():
-            if not self.alive():
-                code = self.proc.returncode if self.proc else None
-                raise HarnessError(f"{self.name} exited (code {code}) before {what}; its log "
-                                   f"{self.log_path}:\n{_tail(self.log_path)}")
-            if time.monotonic() > deadline:
-                raise HarnessError(f"{self.name}: not {what} after {deadline_s:.0f} s; its log "
-                                   f"{self.log_path}:\n{_tail(self.log_path)}")
-            time.sleep(POLL)
-
-    def stop(self) -> None:
-        """SIGTERM to the whole group, SIGKILL after a bounded wait. Safe to call twice."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(STOP_DEADLINE)
-        # Whatever is left of the group (the leader, or children it forked) goes now.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(STOP_DEADLINE)
 
 
 def http_status(url_host: str, port: int, path: str, *, accept: str = "*/*",
@@ -243,7 +171,7 @@ class Harness(contextlib.ExitStack):
         self.op: OidcProviderServer | None = None
         self.upstream_url = ""
         self.gateway_url = ""
-        self.gateway: Service | None = None
+        self.gateway: ChildProcess | None = None
         self.session_key = new_session_key()
         self.key_prefix = "bench:"
         self.config: dict[str, Any] = {}
@@ -283,12 +211,13 @@ class Harness(contextlib.ExitStack):
             "@LOCATIONS@", str(NGINX_LOCATIONS))
         conf = folder / "nginx.conf"
         conf.write_text(text)
-        service = Service("nginx upstream", [nginx, "-p", f"{folder}/", "-e", "error.log",
-                                             "-c", str(conf)], folder / "stdout.log")
+        service = ChildProcess("nginx upstream", [nginx, "-p", f"{folder}/", "-e", "error.log",
+                                                  "-c", str(conf)], folder / "stdout.log",
+                               group=True)
         service.start()
         self.callback(service.stop)
         service.wait_until(lambda: http_status("127.0.0.1", port, "/healthz") == 200,
-                           f"answering on 127.0.0.1:{port}")
+                           START_DEADLINE, f"it answers on 127.0.0.1:{port}")
         return f"http://127.0.0.1:{port}"
 
     # gateway ----------------------------------------------------------------------------------
@@ -299,9 +228,10 @@ class Harness(contextlib.ExitStack):
 
     @property
     def gateway_pid(self) -> int:
-        if self.gateway is None:
+        pid = self.gateway.pid if self.gateway is not None else None
+        if pid is None:
             raise HarnessError("the gateway is not started")
-        return self.gateway.pid
+        return pid
 
     def _start_gateway(self) -> str:
         if self.redis is None or (self.op is None and self.provider is None):
@@ -330,19 +260,20 @@ class Harness(contextlib.ExitStack):
             _set_dotted(config, dotted, value)
         self.config = config
         self.config_path.write_text(yaml.safe_dump(config))
-        service = Service(
+        service = ChildProcess(
             "gateway", [sys.executable, "-m", "gateway", "run", "-c", str(self.config_path)],
             self.run_dir / "gateway.log", cwd=self.gateway_src, env=gateway_env(self.gateway_src),
+            group=True,
         )
         service.start()
         self.callback(service.stop)
         self.gateway = service
         service.wait_until(lambda: http_status("127.0.0.1", port, "/ready") == 200,
-                           f"ready on {url}/ready")
+                           START_DEADLINE, f"it is ready on {url}/ready")
         return url
 
     def gateway_log_tail(self) -> str:
-        return _tail(self.run_dir / "gateway.log")
+        return tail(self.run_dir / "gateway.log", 40)
 
 
 @dataclass(frozen=True)

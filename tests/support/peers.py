@@ -91,11 +91,16 @@ def tail(path: Path, lines: int = 60) -> str:
 
 
 class ChildProcess:
-    """One server process with its output in a log file."""
+    """One server process with its output in a log file.
+
+    ``group``: the process leads a process group of its own, and :meth:`stop` ends the whole
+    group (servers that fork workers: nginx, ``gateway run`` with ``server.workers``)."""
 
     def __init__(self, name: str, args: Sequence[str], log_path: Path, *,
-                 env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None,
+                 group: bool = False) -> None:
         self.name = name
+        self.group = group
         self.args = list(args)
         self.log_path = log_path
         self.env = dict(env) if env is not None else None
@@ -119,6 +124,7 @@ class ChildProcess:
             self.proc = subprocess.Popen(
                 self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=self.env, cwd=self.cwd, preexec_fn=_preexec(),
+                start_new_session=self.group,
             )
 
     def wait_until(self, ready: Callable[[], bool], deadline_s: float, what: str) -> None:
@@ -150,7 +156,16 @@ class ChildProcess:
         proc, self.proc = self.proc, None
         if proc is None:
             return None
-        if proc.poll() is None:
+        if self.group:
+            # The whole group, leader or not: workers a server forked must not outlive it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(STOP_DEADLINE)
+        elif proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGCONT)  # in case a test froze it
                 proc.terminate()
