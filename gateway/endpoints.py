@@ -98,6 +98,7 @@ from gateway.sessions import (
     encode_ticket,
     load_session,
     login_bound,
+    login_mark,
     needs_touch,
     new_ticket,
     open_login_state,
@@ -1114,8 +1115,8 @@ class Gateway:
         if not stored:
             # One mark per blob (canonical base64url: one spelling each), kept as long as the
             # state could still be used, by this clock or a replica's a little behind it.
-            mark = base64.urlsafe_b64encode(hashlib.sha256(blob).digest()).decode()
-            if not await self.store.set_new(f"l:used:{mark}", b"1", left + _CLOCK_SKEW):
+            mark = f"l:used:{login_mark(blob)}"
+            if not await self.store.set_new(mark, b"1", left + _CLOCK_SKEW):
                 raise unknown
         return login, bound_to
 

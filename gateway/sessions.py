@@ -58,6 +58,7 @@ __all__ = [
     "load_login_state",
     "load_session",
     "login_bound",
+    "login_mark",
     "login_state_expired",
     "needs_touch",
     "new_ticket",
@@ -616,6 +617,12 @@ def login_bound(digest: bytes, binding: bytes | None) -> bool:
 
 def encode_login_blob(blob: bytes) -> str:
     return _b64url(blob)
+
+
+def login_mark(blob: bytes) -> str:
+    """The store key suffix that marks a sealed login state used: a digest of its blob, so
+    the mark reveals nothing of the state and one blob has one mark."""
+    return _b64url(hashlib.sha256(blob).digest())
 
 
 def decode_login_blob(text: str) -> bytes | None:
