@@ -25,10 +25,9 @@ from __future__ import annotations
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from gateway.errors import GatewayError
 from gateway.oidc import json_object
+from gateway.upstream_client import UpstreamBodyTooLarge, UpstreamClient, UpstreamClientError
 
 __all__ = ["MAX_PAGES", "GraphError", "member_groups"]
 
@@ -55,18 +54,18 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 
 async def member_groups(
-    http: aiohttp.ClientSession, graph_url: str, access_token: str, *, seconds: float
+    http: UpstreamClient, graph_url: str, access_token: str, *, seconds: float
 ) -> list[str]:
     """The ids of every group the token's user is a member of, directly or through nested
     groups, following ``@odata.nextLink`` on ``graph_url``'s origin only. ``seconds``: the
     time allowed for each page."""
     origin = _origin(graph_url)
     url = graph_url.rstrip("/") + "/v1.0/me/transitiveMemberOf?$select=id&$top=999"
-    headers = {"Authorization": f"Bearer {access_token}", "Accept": "application/json"}
-    limit = aiohttp.ClientTimeout(total=seconds)
+    headers = {"Authorization": f"Bearer {access_token}", "Accept": "application/json",
+               "User-Agent": "oidc-gateway"}
     groups: list[str] = []
     for _ in range(MAX_PAGES):
-        page = await _get(http, url, headers, limit)
+        page = await _get(http, url, headers, seconds)
         values = page.get("value")
         if not isinstance(values, list):
             raise GraphError('Microsoft Graph answered without a "value" list.')
@@ -92,27 +91,22 @@ async def member_groups(
 
 
 async def _get(
-    http: aiohttp.ClientSession,
-    url: str,
-    headers: dict[str, str],
-    limit: aiohttp.ClientTimeout,
+    http: UpstreamClient, url: str, headers: dict[str, str], seconds: float
 ) -> dict[str, Any]:
     where = _origin(url)[1]
     try:
-        async with http.get(url, headers=headers, timeout=limit, allow_redirects=False) as resp:
-            if resp.status != 200:
-                raise GraphError(f"Microsoft Graph at {where} answered HTTP {resp.status}.")
-            body = bytearray()
-            while chunk := await resp.content.read(65536):
-                body += chunk
-                if len(body) > MAX_BODY:
-                    raise GraphError(f"Microsoft Graph answered more than {MAX_BODY} bytes.")
+        status, body = await http.fetch("GET", url, headers=headers, limit=MAX_BODY,
+                                        seconds=seconds)
     except TimeoutError:
         raise GraphError(f"Microsoft Graph at {where} did not answer in time.") from None
-    except aiohttp.ClientError as exc:
+    except UpstreamBodyTooLarge:
+        raise GraphError(f"Microsoft Graph answered more than {MAX_BODY} bytes.") from None
+    except UpstreamClientError as exc:
         raise GraphError(
             f"Microsoft Graph at {where} cannot be reached ({type(exc).__name__})."
         ) from None
+    if status != 200:
+        raise GraphError(f"Microsoft Graph at {where} answered HTTP {status}.")
     doc = json_object(body)
     if doc is None:
         raise GraphError("Microsoft Graph answered something other than a JSON object.")

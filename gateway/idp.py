@@ -19,12 +19,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
-import aiohttp
-
 from gateway import graph, issuers, oidc
 from gateway.config import ProviderConfig
 from gateway.errors import OIDCError, ProviderUnavailable, UnknownSigningKey
 from gateway.models import Identity, LoginState, TokenSet
+from gateway.upstream_client import UpstreamBodyTooLarge, UpstreamClient, UpstreamClientError
 
 __all__ = ["IdentityProvider"]
 
@@ -33,6 +32,7 @@ T = TypeVar("T")
 
 # The provider's answers are small JSON documents; a bigger one is a fault, not data.
 MAX_RESPONSE_BYTES: Final = 1024 * 1024
+USER_AGENT: Final = "oidc-gateway"
 
 
 class IdentityProvider:
@@ -45,7 +45,7 @@ class IdentityProvider:
     def __init__(
         self,
         config: ProviderConfig,
-        http: aiohttp.ClientSession,
+        http: UpstreamClient,
         *,
         clock: Callable[[], float] = time.time,
         backoff_initial: float = 1.0,
@@ -64,7 +64,6 @@ class IdentityProvider:
         self._last_refetch: float | None = None
         self._jwks_generation = 0
         self._jwks_lock = asyncio.Lock()
-        self._timeout = aiohttp.ClientTimeout(total=config.timeout)
 
     # ------------------------------------------------------------------ state
 
@@ -110,32 +109,24 @@ class IdentityProvider:
         what: str,
     ) -> tuple[int, bytes]:
         """Send one request to the provider and read its (capped) answer."""
+        sent = {"User-Agent": USER_AGENT, **(headers or {})}
         try:
-            async with self._http.request(
-                method,
-                url,
-                headers=dict(headers or {}),
-                data=body,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as resp:
-                data = bytearray()
-                while chunk := await resp.content.read(65536):
-                    data += chunk
-                    if len(data) > MAX_RESPONSE_BYTES:
-                        raise OIDCError(
-                            f"The {what} at {url} answered more than {MAX_RESPONSE_BYTES} bytes.",
-                            reason="provider_error",
-                            status_hint=502,
-                        )
-                return resp.status, bytes(data)
+            return await self._http.fetch(
+                method, url, headers=sent, body=body, limit=MAX_RESPONSE_BYTES,
+                seconds=self.config.timeout)
         except TimeoutError:
             raise OIDCError(
                 f"The {what} at {url} did not answer within {self.config.timeout:g}s.",
                 reason="provider_timeout",
                 status_hint=504,
             ) from None
-        except aiohttp.ClientError as exc:
+        except UpstreamBodyTooLarge:
+            raise OIDCError(
+                f"The {what} at {url} answered more than {MAX_RESPONSE_BYTES} bytes.",
+                reason="provider_error",
+                status_hint=502,
+            ) from None
+        except UpstreamClientError as exc:
             raise OIDCError(
                 f"The {what} at {url} cannot be reached: {_describe(exc)}.",
                 reason="provider_unreachable",

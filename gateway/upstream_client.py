@@ -1,4 +1,6 @@
-"""A lean HTTP/1.1 client for the proxied requests, with a keep-alive pool per upstream origin.
+"""A lean HTTP/1.1 client for the proxied requests, with a keep-alive pool per upstream origin;
+:meth:`UpstreamClient.fetch` uses it for the gateway's own small calls (the provider's
+endpoints, Microsoft Graph), which sit in every login's path.
 
 Why not aiohttp's client: its per-request machinery (ClientRequest, timers, CIMultiDict, yarl
 joins) cost more CPU than the rest of the proxy path together (issue 7). This client sends the
@@ -17,8 +19,9 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final, Protocol, cast
+from urllib.parse import urlsplit
 
 import httptools
 
@@ -58,6 +61,10 @@ class UpstreamProtocolError(UpstreamClientError):
 
 class UpstreamBrokenError(UpstreamClientError):
     """The connection broke off or stalled during the exchange."""
+
+
+class UpstreamBodyTooLarge(UpstreamClientError):
+    """A fetched answer was longer than the caller's limit."""
 
 
 class _DeadConnection(UpstreamBrokenError):
@@ -482,6 +489,19 @@ class UpstreamResponse:
             conn.client._release(conn)
 
 
+class _Bytes:
+    """A request body held whole in memory, as :class:`BodySource`."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    async def readany(self) -> bytes:
+        data, self._data = self._data, b""
+        return data
+
+
 def _request_head(
     method: str,
     target: str,
@@ -566,6 +586,51 @@ class UpstreamClient:
                 # nothing was processed, so one fresh connection may carry it.
         conn = await self._connect(origin)
         return await self._exchange(conn, head, method, body, length, read_timeout)
+
+    async def fetch(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+        limit: int,
+        seconds: float,
+    ) -> tuple[int, bytes]:
+        """Send one small request and read its whole answer: (status, body).
+
+        ``seconds`` bounds everything (connect, head, body): TimeoutError past it.
+        UpstreamBodyTooLarge past ``limit`` bytes; other UpstreamClientErrors name the cause.
+        Redirects are answers like any other (never followed).
+        """
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+            scheme = ""
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise UpstreamConnectError(f"not an http(s) URL with a host: {scheme or '?'}")
+        origin = (scheme, parts.hostname, port or (443 if scheme == "https" else 80))
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        sent = [(name, value) for name, value in headers.items()
+                if name.lower() not in ("host", "content-length", "transfer-encoding")]
+        if body is not None:
+            sent.append(("Content-Length", str(len(body))))
+        async with asyncio.timeout(seconds):
+            response = await self.request(
+                method, origin, target, sent, host=parts.netloc.rpartition("@")[2],
+                body=None if body is None else _Bytes(body), read_timeout=seconds)
+            try:
+                data = bytearray()
+                while chunk := await response.read_chunk():
+                    data += chunk
+                    if len(data) > limit:
+                        raise UpstreamBodyTooLarge(f"the answer is longer than {limit} bytes")
+            finally:
+                response.release()
+        return response.status, bytes(data)
 
     async def _exchange(
         self,

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -30,6 +29,7 @@ from gateway.errors import OIDCError, ProviderUnavailable, UnknownSigningKey
 from gateway.idp import IdentityProvider
 from gateway.models import LoginState, TokenSet
 from gateway.oidc import code_challenge
+from gateway.upstream_client import UpstreamClient
 
 CLIENT_ID = "gateway"
 CLIENT_SECRET = "s3cret:with+odd %chars"
@@ -239,9 +239,12 @@ async def server(provider: FakeProvider) -> AsyncIterator[TestServer]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+async def http() -> AsyncIterator[UpstreamClient]:
+    client = UpstreamClient()
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def make_config(issuer: str, **changes: Any) -> ProviderConfig:
@@ -258,7 +261,7 @@ def make_config(issuer: str, **changes: Any) -> ProviderConfig:
 
 @pytest.fixture
 def idp(
-    server: TestServer, provider: FakeProvider, http: aiohttp.ClientSession, clock: FakeClock
+    server: TestServer, provider: FakeProvider, http: UpstreamClient, clock: FakeClock
 ) -> IdentityProvider:
     return IdentityProvider(make_config(provider.issuer), http, clock=clock)
 
@@ -309,7 +312,7 @@ async def test_load_reports_http_status(idp: IdentityProvider, provider: FakePro
 
 
 async def test_load_refuses_when_no_common_algorithm(
-    server: TestServer, provider: FakeProvider, http: aiohttp.ClientSession, clock: FakeClock
+    server: TestServer, provider: FakeProvider, http: UpstreamClient, clock: FakeClock
 ) -> None:
     provider.algs = ["HS256", "none"]
     idp = IdentityProvider(make_config(provider.issuer), http, clock=clock)
@@ -326,7 +329,7 @@ async def test_load_refuses_jwks_without_usable_key(
 
 
 async def test_provider_down_then_up(
-    http: aiohttp.ClientSession, clock: FakeClock, key1: RSAKey
+    http: UpstreamClient, clock: FakeClock, key1: RSAKey
 ) -> None:
     port = _free_port()
     issuer = f"http://127.0.0.1:{port}"
@@ -515,7 +518,7 @@ async def test_userinfo_failure_is_502(idp: IdentityProvider, provider: FakeProv
 
 
 async def test_userinfo_disabled(
-    server: TestServer, provider: FakeProvider, http: aiohttp.ClientSession, clock: FakeClock
+    server: TestServer, provider: FakeProvider, http: UpstreamClient, clock: FakeClock
 ) -> None:
     idp = IdentityProvider(make_config(provider.issuer, userinfo=False), http, clock=clock)
     await idp.load()
@@ -544,7 +547,7 @@ async def test_token_endpoint_failures(
 
 
 async def test_token_endpoint_timeout(
-    server: TestServer, provider: FakeProvider, http: aiohttp.ClientSession, clock: FakeClock
+    server: TestServer, provider: FakeProvider, http: UpstreamClient, clock: FakeClock
 ) -> None:
     idp = IdentityProvider(make_config(provider.issuer, timeout=0.2), http, clock=clock)
     await idp.load()
@@ -567,7 +570,7 @@ async def test_token_endpoint_unreachable(idp: IdentityProvider, provider: FakeP
 
 
 async def test_client_secret_post(
-    server: TestServer, provider: FakeProvider, http: aiohttp.ClientSession, clock: FakeClock
+    server: TestServer, provider: FakeProvider, http: UpstreamClient, clock: FakeClock
 ) -> None:
     idp = IdentityProvider(
         make_config(provider.issuer, token_endpoint_auth="client_secret_post"), http, clock=clock
