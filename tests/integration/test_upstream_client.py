@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from gateway.upstream_client import UpstreamClient
+from gateway.upstream_client import UpstreamBodyTooLarge, UpstreamClient
 from tests.support.gateway_proc import GatewayProcess, free_port
 from tests.support.world import GatewayWorld, open_world
 
@@ -532,3 +532,82 @@ async def test_client_never_reuses_a_connection_while_its_request_body_is_unsent
         client.close()
     assert [h.target for h in raw.heads] == ["/upload", "/after"]
     assert raw.on(1) == ["/upload"]
+
+
+# -- fetch: the provider's and Microsoft Graph's calls (gateway/idp.py, gateway/graph.py)
+
+
+async def test_fetch_reads_a_whole_answer_and_sends_the_body_with_its_length(
+    raw: RawUpstream,
+) -> None:
+    async def token(head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        got = await read_body(head, reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + f"{len(got):x}\r\n".encode() + got + b"\r\n0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    raw.script = token
+    client = UpstreamClient()
+    url = f"http://127.0.0.1:{raw.port}/token?x=1"
+    try:
+        first = await client.fetch("POST", url, headers={"Content-Type": "a/b"},
+                                   body=b"code=abc", limit=100, seconds=5)
+        second = await client.fetch("GET", url, headers={}, limit=100, seconds=5)
+    finally:
+        client.close()
+    assert first == (200, b"code=abc")
+    assert second == (200, b"")
+    assert [(h.method, h.target) for h in raw.heads] == [
+        ("POST", "/token?x=1"), ("GET", "/token?x=1")]
+    assert raw.heads[0].header("Content-Length") == "8"
+    assert raw.heads[0].header("Host") == f"127.0.0.1:{raw.port}"
+    assert raw.heads[0].header("Transfer-Encoding") is None
+    assert raw.on(1) == ["/token?x=1", "/token?x=1"]  # one keep-alive connection
+
+
+async def test_fetch_follows_no_redirect(raw: RawUpstream) -> None:
+    raw.script = answer(b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere.example/\r\n"
+                        b"Content-Length: 0\r\n\r\n", keep=True)
+    client = UpstreamClient()
+    try:
+        got = await client.fetch("GET", f"http://127.0.0.1:{raw.port}/jwks", headers={},
+                                 limit=100, seconds=5)
+    finally:
+        client.close()
+    assert got == (302, b"")
+    assert [h.target for h in raw.heads] == ["/jwks"]
+
+
+async def test_fetch_refuses_an_answer_over_its_limit_and_drops_the_connection(
+    raw: RawUpstream,
+) -> None:
+    # Past the limit with most of the answer still to come: the rest must not be read as the
+    # next request's answer.
+    raw.script = answer(b"HTTP/1.1 200 OK\r\nContent-Length: 50000\r\n\r\n" + b"x" * 2000,
+                        keep=True)
+    client = UpstreamClient()
+    url = f"http://127.0.0.1:{raw.port}/big"
+    try:
+        with pytest.raises(UpstreamBodyTooLarge):
+            await client.fetch("GET", url, headers={}, limit=1000, seconds=5)
+        raw.script = reply_ok
+        assert await client.fetch("GET", url, headers={}, limit=1000, seconds=5) == (200, b"ok")
+    finally:
+        client.close()
+    assert raw.on(1) == ["/big"]  # the cut-off answer's connection carried nothing more
+    assert raw.on(2) == ["/big"]
+
+
+async def test_fetch_deadline_covers_a_body_that_trickles(raw: RawUpstream) -> None:
+    raw.script = answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\na", b"b", b"c", b"d",
+                        b"e", b"f", b"g", b"h", b"i", b"j", keep=True)  # 50 ms apart
+    client = UpstreamClient()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            await client.fetch("GET", f"http://127.0.0.1:{raw.port}/slow", headers={},
+                               limit=100, seconds=0.2)
+    finally:
+        client.close()
+    assert time.monotonic() - started < 0.4
