@@ -128,7 +128,7 @@ _STORED_STATE_PREFIX = "r."
 # Seconds a used state's mark outlives the state's own expiry: gateway replicas whose clocks
 # differ by up to this much still all refuse it.
 _CLOCK_SKEW = 60.0
-# Without the session cache's shared ping, the store is checked for a sign-in at most this often.
+# The store is checked for a sign-in at most this often (while it keeps answering).
 _STORE_CHECK_EVERY = 0.5
 _NO_STORE = "no-store"
 # The gateway's own pages (sign-out confirmation, errors) are never framed: a framed
@@ -378,6 +378,8 @@ class Gateway:
                 response, _ = await self._proxy(request, facts, route)
         except RequestError as exc:
             error = exc
+            if isinstance(exc, SessionStoreError):
+                self._store_answered_at = -math.inf  # the next sign-in asks the store again
             response = self._error(request, exc, request_id, facts)
         except Exception:
             log.exception("unexpected error", extra={"request_id": request_id})
@@ -1022,18 +1024,17 @@ class Gateway:
     async def _check_store_for_login(self) -> None:
         """Raise SessionStoreError (503) when the store is down: a sign-in's callback needs it
         (single use, the session), so nobody is sent to the provider for one that could not
-        finish. With the session cache's live subscription this is the ping all requests of
-        an event-loop turn share; without it (Redis Cluster, ``session.cache.ttl: 0``) one
-        PING, repeated at most every ``_STORE_CHECK_EVERY`` seconds however many sign-ins
-        start: a flood of them must not become a flood of PINGs, to every master of a
-        Cluster."""
+        finish. A store that answered this check less than ``_STORE_CHECK_EVERY`` seconds ago,
+        with no store failure since (:meth:`handle` forgets the answer on one), is not asked
+        again: a sign-in waits for no round trip of its own, and a flood of them is no flood of
+        PINGs, to every master of a Cluster. (A store that dies in that half second fails the
+        callback instead, with the same 503.) The check is the session cache's shared ping
+        when its subscription is live, else one PING."""
+        if time.monotonic() - self._store_answered_at < _STORE_CHECK_EVERY:
+            return
         cache = self.session_cache
-        if cache is not None and await cache.confirmed():
-            return
-        now = time.monotonic()
-        if now - self._store_answered_at < _STORE_CHECK_EVERY:
-            return
-        await self.store.ping()
+        if cache is None or not await cache.confirmed():
+            await self.store.ping()
         self._store_answered_at = time.monotonic()
 
     def _check_cookie_reach(self, facts: RequestFacts, redirect_uri: str) -> None:

@@ -120,17 +120,21 @@ def _pings(port: int) -> int:
 
 
 @pytest.mark.redis
-async def test_without_the_session_cache_a_flood_of_sign_ins_is_no_flood_of_pings(
-    oidc_provider: Any, redis_server_factory: Any, tmp_path: Path
+@pytest.mark.parametrize("cache", ["off", "on"])
+async def test_a_flood_of_sign_ins_is_no_flood_of_pings(
+    oidc_provider: Any, redis_server_factory: Any, tmp_path: Path, cache: str
 ) -> None:
-    """With ``session.cache.ttl: 0`` (as on a Redis Cluster) a sign-in checks the store with a
-    PING of its own; a flood of anonymous navigations checks it at most twice a second, and a
-    Redis that stops still turns them into 503 within a second."""
+    """A sign-in checks that the store answers (the session cache's ping, or with
+    ``session.cache.ttl: 0``, as on a Redis Cluster, a PING of its own); a flood of anonymous
+    navigations checks it at most twice a second, and a Redis that stops still turns them
+    into 503 within a second."""
     server = redis_server_factory()
+    settings: dict[str, Any] = {"redis_timeout": f"{REDIS_TIMEOUT}s"}
+    if cache == "off":
+        settings["cache"] = {"ttl": 0}
     async with gateway_world(
         tmp_path, issuer=oidc_provider.issuer, client=register_at(oidc_provider),
-        store="redis", redis_url=server.url,
-        session={"redis_timeout": f"{REDIS_TIMEOUT}s", "cache": {"ttl": 0}},
+        store="redis", redis_url=server.url, session=settings,
     ) as world:
         before = _pings(server.port)
         started = time.monotonic()
