@@ -489,19 +489,6 @@ class UpstreamResponse:
             conn.client._release(conn)
 
 
-class _Bytes:
-    """A request body held whole in memory, as :class:`BodySource`."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    async def readany(self) -> bytes:
-        data, self._data = self._data, b""
-        return data
-
-
 def _request_head(
     method: str,
     target: str,
@@ -570,10 +557,11 @@ class UpstreamClient:
         headers: Sequence[tuple[str, str]],
         *,
         host: str,
-        body: BodySource | None,
+        body: BodySource | bytes | None,
         read_timeout: float,
     ) -> UpstreamResponse:
-        """Send one request; return once the answer's head is in."""
+        """Send one request; return once the answer's head is in. A ``bytes`` body is sent
+        whole with the head, in one write (give its Content-Length in ``headers``)."""
         head, length = _request_head(method, target, headers, host, body is not None)
         conn = self._take(origin)
         if conn is not None:
@@ -621,7 +609,7 @@ class UpstreamClient:
         async with asyncio.timeout(seconds):
             response = await self.request(
                 method, origin, target, sent, host=parts.netloc.rpartition("@")[2],
-                body=None if body is None else _Bytes(body), read_timeout=seconds)
+                body=body, read_timeout=seconds)
             try:
                 data = bytearray()
                 while chunk := await response.read_chunk():
@@ -637,13 +625,18 @@ class UpstreamClient:
         conn: _Connection,
         head: bytes,
         method: str,
-        body: BodySource | None,
+        body: BodySource | bytes | None,
         length: int | None,
         read_timeout: float,
     ) -> UpstreamResponse:
         try:
-            conn.begin(head, method == "HEAD", read_timeout)
-            if body is not None:
+            if isinstance(body, bytes):
+                conn.begin(head + body, method == "HEAD", read_timeout)
+                # Never sent again on another connection: the request may have been processed.
+                conn.body_started = True
+            else:
+                conn.begin(head, method == "HEAD", read_timeout)
+            if body is not None and not isinstance(body, bytes):
                 conn.body_done = False
                 conn.body_task = asyncio.create_task(conn.send_body(body, length))
             while not conn.headers_done:
