@@ -34,6 +34,7 @@ from gateway.config import Config, RouteConfig
 from gateway.errors import (
     BadRequest,
     BearerTokenError,
+    ExpectationFailed,
     Forbidden,
     NotAuthenticated,
     NotFound,
@@ -219,7 +220,7 @@ class RequestFacts:
         return f"{self.forwarded.proto}://{self.forwarded.host}"
 
 
-Handler = Callable[[web.Request, RequestFacts], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.BaseRequest, RequestFacts], Awaitable[web.StreamResponse]]
 
 
 def _split_target(raw_target: str, host_header: str) -> tuple[str, str]:
@@ -352,7 +353,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ entry point
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = self._request_id(request)
         facts: RequestFacts | None = None
@@ -360,6 +361,8 @@ class Gateway:
         own = False
         error: RequestError | None = None
         try:
+            if "Expect" in request.headers:
+                await self._expect(request)
             facts = self._facts(request, request_id)
             handler = self.own.get(facts.path)
             if handler is not None:
@@ -390,6 +393,21 @@ class Gateway:
         self._account(request, request_id, facts, response.status, route_name, own, error,
                       time.perf_counter() - started)
         return response
+
+    @staticmethod
+    async def _expect(request: web.BaseRequest) -> None:
+        """``Expect: 100-continue`` (RFC 9110 10.1.1): say "continue" so a client holding its
+        body back (curl, above 1 KB) sends it now rather than after its own wait; any other
+        expectation cannot be met (417). HTTP/1.0 has no 1xx answers: ignored there. The
+        gateway's server hands requests straight to :meth:`handle`, past aiohttp's router,
+        which did this before (``create_app`` turns the router's own handling off)."""
+        if request.version < (1, 1):
+            return
+        if request.headers.getone("Expect", "").lower() != "100-continue":
+            raise ExpectationFailed("The request's Expect header asks for something this "
+                                    "gateway cannot do; only 100-continue is supported.")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's own size starts after the 100
 
     def _request_id(self, request: web.BaseRequest) -> str:
         """A trusted proxy's X-Request-Id when it is a safe id, else a new one."""
@@ -443,7 +461,7 @@ class Gateway:
             reason = error.reason if error is not None else outcome.reason
             log_info(access_log, "request", {**fields, "reason": reason})
 
-    def _facts(self, request: web.Request, request_id: str) -> RequestFacts:
+    def _facts(self, request: web.BaseRequest, request_id: str) -> RequestFacts:
         server = self.config.server
         items = list(request.headers.items())
         check_header_limits(
@@ -845,7 +863,7 @@ class Gateway:
             raise
 
     async def _proxy(
-        self, request: web.Request, facts: RequestFacts, route: RouteConfig
+        self, request: web.BaseRequest, facts: RequestFacts, route: RouteConfig
     ) -> tuple[web.StreamResponse, str | None]:
         access, access_token = await self._decide(request, facts, route, request.method)
         if access.login_needed:
@@ -927,7 +945,7 @@ class Gateway:
         return list(plan.headers)
 
     async def _unauthenticated(
-        self, request: web.Request, facts: RequestFacts, route: RouteConfig
+        self, request: web.BaseRequest, facts: RequestFacts, route: RouteConfig
     ) -> web.StreamResponse:
         target = self._target_of(facts)
         # route.unauthenticated may force either answer (policy.login_style).
@@ -1072,7 +1090,7 @@ class Gateway:
             return None
         return raw if len(raw) == _BINDING_BYTES else None
 
-    async def start(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
+    async def start(self, request: web.BaseRequest, facts: RequestFacts) -> web.StreamResponse:
         self._check_served(facts)
         rd = request.query.get("rd")
         target = safe_redirect_target(rd, allowed_hosts=self.allowed_hosts, default="/")
@@ -1121,7 +1139,7 @@ class Gateway:
                 raise unknown
         return login, bound_to
 
-    async def callback(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
+    async def callback(self, request: web.BaseRequest, facts: RequestFacts) -> web.StreamResponse:
         self._check_served(facts)
         query: Mapping[str, str] = request.query
         state = query.get("state", "")
@@ -1192,7 +1210,7 @@ class Gateway:
                          max_age=int(self.config.session.lifetime), path="/")
         return response
 
-    async def sign_out(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
+    async def sign_out(self, request: web.BaseRequest, facts: RequestFacts) -> web.StreamResponse:
         if request.method not in ("GET", "POST"):
             raise RequestError("use GET or POST", reason="method_not_allowed", status_hint=405)
         self._check_served(facts)
@@ -1274,7 +1292,7 @@ class Gateway:
             return _origin_key(referer) not in own
         return False
 
-    async def userinfo(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
+    async def userinfo(self, request: web.BaseRequest, facts: RequestFacts) -> web.StreamResponse:
         found = await self.authenticate(request)
         if found is None:
             return web.json_response({"error": "unauthenticated"}, status=401,
@@ -1291,7 +1309,7 @@ class Gateway:
         )
 
     async def backchannel_logout(
-        self, request: web.Request, facts: RequestFacts
+        self, request: web.BaseRequest, facts: RequestFacts
     ) -> web.StreamResponse:
         """OpenID Connect Back-Channel Logout 1.0: the provider POSTs a ``logout_token``; every
         session of its ``sid`` (or of its ``sub`` when it names no sid) ends, in every gateway
@@ -1322,7 +1340,7 @@ class Gateway:
         return web.Response(status=200, headers={"Cache-Control": _NO_STORE})
 
     async def frontchannel_logout(
-        self, request: web.Request, facts: RequestFacts
+        self, request: web.BaseRequest, facts: RequestFacts
     ) -> web.StreamResponse:
         """OpenID Connect Front-Channel Logout 1.0: the provider's logout page loads
         ``?iss=…&sid=…`` in an iframe; every session of that provider session ends, in every
@@ -1385,7 +1403,9 @@ class Gateway:
 
     # ------------------------------------------------------------------ forward-auth
 
-    async def forward_auth(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
+    async def forward_auth(
+        self, request: web.BaseRequest, facts: RequestFacts
+    ) -> web.StreamResponse:
         """``/oauth2/auth``: nginx ``auth_request``, Traefik ForwardAuth and Envoy ext_authz ask
         whether the request they hold may go ahead (design §5).
 
@@ -1494,7 +1514,7 @@ class Gateway:
         target = quote(self._target_of(facts), safe="")
         return f"{self._callback_origin(facts)}{self.prefix}/start?rd={target}"
 
-    async def jwks(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
+    async def jwks(self, request: web.BaseRequest, facts: RequestFacts) -> web.StreamResponse:
         """The public keys of X-Gateway-Assertion (RFC 7517 JWK Set). Cacheable for a
         minute: a new generated key is published two minutes before it signs."""
         if self.assertion_keys is None:
@@ -1507,10 +1527,10 @@ class Gateway:
 
     # ------------------------------------------------------------------ health and metrics
 
-    async def ping(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
+    async def ping(self, request: web.BaseRequest, facts: RequestFacts) -> web.StreamResponse:
         return web.Response(text="OK")
 
-    async def ready(self, request: web.Request, facts: RequestFacts) -> web.StreamResponse:
+    async def ready(self, request: web.BaseRequest, facts: RequestFacts) -> web.StreamResponse:
         provider_ok = self.idp.ready
         if self.draining:  # shutting down: no store round trip, just "send elsewhere"
             return web.json_response(
@@ -1529,7 +1549,7 @@ class Gateway:
         )
 
     async def metrics_endpoint(
-        self, request: web.Request, facts: RequestFacts
+        self, request: web.BaseRequest, facts: RequestFacts
     ) -> web.StreamResponse:
         self.metrics.provider_ready.set(1 if self.idp.ready else 0)
         response = web.Response(body=self.metrics.render())

@@ -59,6 +59,13 @@ class BadRequest(RequestError):
     reason = "bad_request"
 
 
+class ExpectationFailed(RequestError):
+    """An ``Expect`` header other than ``100-continue`` (RFC 9110 10.1.1)."""
+
+    status_hint = 417
+    reason = "expectation_failed"
+
+
 class HeadersTooLarge(RequestError):
     status_hint = 431
     reason = "headers_too_large"

@@ -179,7 +179,7 @@ class UpstreamProxy:
 
     async def websocket(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         url: URL,
         headers: Sequence[tuple[str, str]],
         *,

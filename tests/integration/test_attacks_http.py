@@ -319,3 +319,40 @@ async def test_large_bodies_stream_through_with_or_without_a_length(world: World
         async with browser.post(f"{world.url}/upload", data=whole) as r:
             assert r.status == 200  # with Content-Length: beyond aiohttp's 1 MiB read cap
             assert (await r.json())["size"] == size
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent(world: World) -> None:
+    """A client that holds its body back (curl does above 1 KB) hears "100 Continue" at once,
+    not after its own wait, then its body is forwarded whole and answered once."""
+    mark = world.mark()
+    body = os.urandom(4096)
+    head = request_bytes("POST", "/public/upload", [
+        "Host: gw.test", "Expect: 100-continue", f"Content-Length: {len(body)}",
+        "Connection: close"], b"")
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        async with asyncio.timeout(1.0):  # curl waits 1 s before sending anyway
+            interim = await reader.readuntil(b"\r\n\r\n")
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        await writer.drain()
+        async with asyncio.timeout(5.0):
+            rest = await reader.read()
+    finally:
+        writer.close()
+    assert rest.startswith(b"HTTP/1.1 200 ")
+    assert b"100 Continue" not in rest
+    assert [(r["raw_path"], r["body_len"]) for r in world.seen_since(mark)] == [
+        ("/public/upload", len(body))]
+
+
+async def test_an_unknown_expectation_is_417_and_nothing_is_forwarded(world: World) -> None:
+    mark = world.mark()
+    answer = await raw_exchange(world.port, request_bytes("POST", "/public/upload", [
+        "Host: gw.test", "Expect: 200-ok", "Content-Length: 2", "Connection: close"], b"hi"))
+    assert answer.status == 417
+    assert answer.responses == 1
+    assert b"only 100-continue" in answer.body  # the gateway's answer, not the app's
+    assert world.seen_since(mark) == []
