@@ -12,7 +12,6 @@ import base64
 import hashlib
 import json
 import secrets
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,18 +29,12 @@ from gateway.idp import IdentityProvider
 from gateway.models import LoginState, TokenSet
 from gateway.oidc import code_challenge
 from gateway.upstream_client import UpstreamClient
+from tests.support.peers import free_port
 
 CLIENT_ID = "gateway"
 CLIENT_SECRET = "s3cret:with+odd %chars"
 REDIRECT_URI = "https://apps.test/oauth2/callback"
 WAIT = 5.0  # upper bound for anything a test waits for
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class FakeClock:
@@ -331,7 +324,7 @@ async def test_load_refuses_jwks_without_usable_key(
 async def test_provider_down_then_up(
     http: UpstreamClient, clock: FakeClock, key1: RSAKey
 ) -> None:
-    port = _free_port()
+    port = free_port()
     issuer = f"http://127.0.0.1:{port}"
     idp = IdentityProvider(
         make_config(issuer, timeout=1.0), http, clock=clock, backoff_initial=0.01, backoff_max=0.05
@@ -561,7 +554,7 @@ async def test_token_endpoint_timeout(
 
 
 async def test_token_endpoint_unreachable(idp: IdentityProvider, provider: FakeProvider) -> None:
-    provider.token_endpoint = f"http://127.0.0.1:{_free_port()}/token"
+    provider.token_endpoint = f"http://127.0.0.1:{free_port()}/token"
     await idp.load()
     with pytest.raises(OIDCError) as info:
         await idp.exchange_code("c", redirect_uri=REDIRECT_URI, code_verifier="v")

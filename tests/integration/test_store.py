@@ -23,16 +23,10 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from gateway.errors import SessionStoreError
 from gateway.store import MemoryStore, RedisStore, SessionStore
+from tests.support.peers import free_port
 
 REDIS_SERVER = "/usr/bin/redis-server"
 START_DEADLINE = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _answers_ping(port: int, password: str | None) -> bool:
@@ -54,7 +48,7 @@ class RedisServer:
     def __init__(self, workdir: Path, *, password: str | None = None) -> None:
         self.workdir = workdir
         self.password = password
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -540,7 +534,7 @@ async def test_hung_redis_fails_within_the_timeouts(own_redis_server: RedisServe
 
 
 async def test_unreachable_host_fails_fast_without_the_password() -> None:
-    port = _free_port()  # nothing listens here
+    port = free_port()  # nothing listens here
     store = RedisStore.from_url(f"redis://:pw-{port}-secret@127.0.0.1:{port}/0")
     try:
         elapsed, error = await _timed(lambda: store.get("s:k"))

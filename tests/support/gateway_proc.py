@@ -21,6 +21,9 @@ from typing import Any
 import aiohttp
 import yaml
 
+# Re-exported: most tests take it from here.
+from tests.support.peers import free_port as free_port
+
 START_DEADLINE = 20.0
 
 
@@ -148,10 +151,3 @@ async def start_gateway(
             await asyncio.sleep(0.05)
 
 
-def free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago (the OS picks it)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -15,6 +15,7 @@ import ctypes
 import http.client
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -49,12 +50,36 @@ class PeerError(RuntimeError):
     """A test peer could not be installed, started or used."""
 
 
+# Test servers get ports from below the kernel's ephemeral range. A port the OS picks with
+# bind(0) comes from that range, where every outgoing connection takes its local port too: a
+# server starting a moment later could find its port held by some test's client connection
+# (seen in CI: a gateway exiting with "address already in use" and a whole module erroring).
+_LOWEST_PORT = 10000
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (the OS picks it)."""
+    """A TCP port that was free on 127.0.0.1 a moment ago, outside the ephemeral range when
+    the system leaves room below it (else one the OS picks)."""
+    high = _ephemeral_start()
+    for _ in range(100 if high - _LOWEST_PORT >= 1000 else 0):
+        port = _LOWEST_PORT + secrets.randbelow(high - _LOWEST_PORT)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def origin_of(url: str) -> str:
