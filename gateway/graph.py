@@ -61,8 +61,7 @@ async def member_groups(
     time allowed for each page."""
     origin = _origin(graph_url)
     url = graph_url.rstrip("/") + "/v1.0/me/transitiveMemberOf?$select=id&$top=999"
-    headers = {"Authorization": f"Bearer {access_token}", "Accept": "application/json",
-               "User-Agent": "oidc-gateway"}
+    headers = {"Authorization": f"Bearer {access_token}", "Accept": "application/json"}
     groups: list[str] = []
     for _ in range(MAX_PAGES):
         page = await _get(http, url, headers, seconds)

@@ -32,7 +32,6 @@ T = TypeVar("T")
 
 # The provider's answers are small JSON documents; a bigger one is a fault, not data.
 MAX_RESPONSE_BYTES: Final = 1024 * 1024
-USER_AGENT: Final = "oidc-gateway"
 
 
 class IdentityProvider:
@@ -109,10 +108,9 @@ class IdentityProvider:
         what: str,
     ) -> tuple[int, bytes]:
         """Send one request to the provider and read its (capped) answer."""
-        sent = {"User-Agent": USER_AGENT, **(headers or {})}
         try:
             return await self._http.fetch(
-                method, url, headers=sent, body=body, limit=MAX_RESPONSE_BYTES,
+                method, url, headers=headers or {}, body=body, limit=MAX_RESPONSE_BYTES,
                 seconds=self.config.timeout)
         except TimeoutError:
             raise OIDCError(

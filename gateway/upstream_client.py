@@ -34,6 +34,8 @@ _HIGH_WATER: Final = 256 * 1024
 _LOW_WATER: Final = 64 * 1024
 
 Origin = tuple[str, str, int]  # scheme, host, port
+# What the gateway's own calls (provider, Microsoft Graph) say they are.
+FETCH_USER_AGENT: Final = "oidc-gateway"
 
 
 class BodySource(Protocol):
@@ -589,7 +591,8 @@ class UpstreamClient:
 
         ``seconds`` bounds everything (connect, head, body): TimeoutError past it.
         UpstreamBodyTooLarge past ``limit`` bytes; other UpstreamClientErrors name the cause.
-        Redirects are answers like any other (never followed).
+        Redirects are answers like any other (never followed). ``User-Agent: oidc-gateway``
+        unless ``headers`` name one.
         """
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -604,6 +607,8 @@ class UpstreamClient:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         sent = [(name, value) for name, value in headers.items()
                 if name.lower() not in ("host", "content-length", "transfer-encoding")]
+        if not any(name.lower() == "user-agent" for name, _ in sent):
+            sent.append(("User-Agent", FETCH_USER_AGENT))
         if body is not None:
             sent.append(("Content-Length", str(len(body))))
         async with asyncio.timeout(seconds):

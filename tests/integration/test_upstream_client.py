@@ -563,6 +563,7 @@ async def test_fetch_reads_a_whole_answer_and_sends_the_body_with_its_length(
     assert raw.heads[0].header("Content-Length") == "8"
     assert raw.heads[0].header("Host") == f"127.0.0.1:{raw.port}"
     assert raw.heads[0].header("Transfer-Encoding") is None
+    assert raw.heads[0].header("User-Agent") == "oidc-gateway"  # what the provider's logs show
     assert raw.on(1) == ["/token?x=1", "/token?x=1"]  # one keep-alive connection
 
 
