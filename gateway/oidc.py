@@ -804,11 +804,8 @@ def validate_id_token(
     # Step 1 (decrypt if encrypted) is not supported: _verify_signature refuses JWE.
     # Steps 6-8 first: nothing in an unverified payload is worth reading.
     obj = _verify_signature(id_token, keys=keys, algorithms=algorithms, client_secret=client_secret)
-    try:
-        claims = json.loads(obj.payload)
-    except (ValueError, UnicodeDecodeError):
-        raise _invalid("The ID token's payload is not JSON.") from None
-    if not isinstance(claims, dict):
+    claims = json_object(obj.payload)
+    if claims is None:
         raise _invalid("The ID token's payload is not a JSON object.")
 
     # Step 2: iss MUST exactly match the Issuer Identifier from discovery (an IssuerRule
@@ -1211,11 +1208,8 @@ def signed_access_token(
         raise
     except OIDCError as exc:
         raise OIDCError(exc.message.replace("The ID token", "The access token")) from None
-    try:
-        claims = json.loads(obj.payload)
-    except (ValueError, UnicodeDecodeError):
-        raise OIDCError("The access token's payload is not JSON.") from None
-    if not isinstance(claims, dict):
+    claims = json_object(obj.payload)
+    if claims is None:
         raise OIDCError("The access token's payload is not a JSON object.")
     return dict(obj.headers()), claims
 
