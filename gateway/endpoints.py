@@ -100,6 +100,7 @@ from gateway.sessions import (
     load_session,
     login_bound,
     login_mark,
+    login_time_left,
     needs_touch,
     new_ticket,
     open_login_state,
@@ -1126,8 +1127,7 @@ class Gateway:
             login, bound_to = open_login_state(blob, keys=self.keys, state=state)
         except SessionInvalid:
             raise unknown from None
-        # Besides the store's TTL: stores expire lazily, and a late replay must not complete.
-        left = self.login_ttl - (self.clock() - login.created_at)
+        left = login_time_left(login, now=self.clock(), timeout=self.login_ttl)
         if left <= 0:
             raise OIDCError("This sign-in took too long and expired. Start again.",
                             reason="login_state_expired", status_hint=400)

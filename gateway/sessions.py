@@ -41,7 +41,6 @@ from gateway.models import Identity, LoginState, Session, Ticket, TokenSet
 
 __all__ = [
     "KEY_BYTES",
-    "LOGIN_STATE_TTL",
     "NONCE_BYTES",
     "SECRET_BYTES",
     "SESSION_ID_BYTES",
@@ -59,7 +58,7 @@ __all__ = [
     "load_session",
     "login_bound",
     "login_mark",
-    "login_state_expired",
+    "login_time_left",
     "needs_touch",
     "new_ticket",
     "open_login_state",
@@ -84,9 +83,6 @@ KEY_BYTES: Final = 32
 """AES-256 server keys."""
 NONCE_BYTES: Final = 12
 """The 96-bit nonce AES-GCM is specified for."""
-
-LOGIN_STATE_TTL: Final = 600
-"""Seconds a login may take between /oauth2/start and /oauth2/callback (also the store TTL)."""
 
 _SEAL_VERSION: Final = 1
 _FINGERPRINT_BYTES: Final = 4
@@ -681,10 +677,11 @@ def touched(session: Session, now: float) -> Session:
     return dataclasses.replace(session, last_seen=max(session.last_seen, now))
 
 
-def login_state_expired(state: LoginState, now: float) -> bool:
-    """Whether a pending login is older than :data:`LOGIN_STATE_TTL`.
+def login_time_left(state: LoginState, *, now: float, timeout: float) -> float:
+    """Seconds a pending login may still take (``session.login_timeout``); 0 or less: expired.
 
-    Checked besides the store's TTL because the memory store and Redis expire lazily, and an
-    old authorization response replayed late must not complete a login.
+    Checked besides any store TTL because stores expire lazily, and an old authorization
+    response replayed late must not complete a login. Also how long its single-use mark must
+    be kept.
     """
-    return now - state.created_at >= LOGIN_STATE_TTL
+    return timeout - (now - state.created_at)

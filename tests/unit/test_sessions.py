@@ -16,7 +16,6 @@ import pytest
 from gateway.errors import NotAuthenticated
 from gateway.models import Identity, LoginState, Session, Ticket, TokenSet
 from gateway.sessions import (
-    LOGIN_STATE_TTL,
     SessionInvalid,
     decode_login_blob,
     decode_ticket,
@@ -29,7 +28,7 @@ from gateway.sessions import (
     load_login_state,
     load_session,
     login_bound,
-    login_state_expired,
+    login_time_left,
     needs_touch,
     new_ticket,
     open_login_state,
@@ -699,14 +698,18 @@ def test_touched() -> None:
     assert not needs_touch(later, now=T0 + 100, idle_timeout=HOUR)
 
 
+LOGIN_TIMEOUT = 600.0  # session.login_timeout's default
+
+
 @pytest.mark.parametrize(
     ("age", "expected"),
-    [(0, False), (LOGIN_STATE_TTL - 0.001, False), (LOGIN_STATE_TTL, True), (10_000, True)],
+    [(0, False), (LOGIN_TIMEOUT - 0.001, False), (LOGIN_TIMEOUT, True), (10_000, True)],
 )
-def test_login_state_expired(age: float, expected: bool) -> None:
+def test_login_time_left(age: float, expected: bool) -> None:
     state = LoginState(state="s", nonce="n", code_verifier="c", target="/", created_at=T0)
-    assert login_state_expired(state, T0 + age) is expected
-    assert LOGIN_STATE_TTL == 600
+    left = login_time_left(state, now=T0 + age, timeout=LOGIN_TIMEOUT)
+    assert (left <= 0) is expected
+    assert left == pytest.approx(LOGIN_TIMEOUT - age, abs=1e-6)
 
 
 def test_packed_sessions_are_smaller_and_open_like_the_json_of_earlier_versions() -> None:
