@@ -56,12 +56,15 @@ __all__ = [
     "json_object",
     "needs_refresh",
     "new_login_state",
+    "number_claim",
     "parse_callback",
     "parse_discovery",
     "parse_jwks",
     "parse_token_response",
+    "premature_claim",
     "refresh_due",
     "refresh_request",
+    "signed_access_token",
     "states_match",
     "token_request",
     "tokens_expire_at",
@@ -141,8 +144,9 @@ def _printable(value: object, limit: int = MAX_PROVIDER_TEXT) -> str:
     return clean if len(clean) <= limit else clean[:limit] + "..."
 
 
-def _number(value: object) -> float | None:
-    """A JSON number (not a bool, not NaN/infinity) as float, else None."""
+def number_claim(value: object) -> float | None:
+    """A JSON number (a NumericDate claim, expires_in) as float; None for bools, NaN,
+    infinities and anything not a number."""
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
@@ -551,7 +555,7 @@ def parse_token_response(
         expires_in = int(expires_in)
     expires_at: float | None = None
     if expires_in is not None:
-        seconds = _number(expires_in)
+        seconds = number_claim(expires_in)
         if seconds is None or seconds < 0:
             raise _provider_error("The token response's expires_in is not a number of seconds.")
         expires_at = now + seconds
@@ -577,7 +581,7 @@ def id_token_expiry(id_token: str) -> float | None:
         payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except (ValueError, UnicodeDecodeError):
         return None
-    return _number(payload.get("exp")) if isinstance(payload, dict) else None
+    return number_claim(payload.get("exp")) if isinstance(payload, dict) else None
 
 
 def tokens_expire_at(tokens: TokenSet) -> float | None:
@@ -833,20 +837,20 @@ def validate_id_token(
         raise _invalid("The ID token was issued to another party (azp).")
 
     # Step 9: the current time MUST be before exp (with the configured leeway).
-    exp = _number(claims.get("exp"))
+    exp = number_claim(claims.get("exp"))
     if exp is None:
         raise _invalid("The ID token has no valid expiry (exp).")
     if now - leeway >= exp:
         raise _invalid("The ID token has expired.")
 
     # Step 10: iat is required; one issued in the future (beyond the leeway) is refused.
-    iat = _number(claims.get("iat"))
+    iat = number_claim(claims.get("iat"))
     if iat is None:
         raise _invalid("The ID token has no valid issue time (iat).")
     if iat > now + leeway:
         raise _invalid("The ID token was issued in the future; check the clocks.")
     nbf = claims.get("nbf")
-    if nbf is not None and (_number(nbf) is None or float(nbf) > now + leeway):
+    if nbf is not None and (number_claim(nbf) is None or float(nbf) > now + leeway):
         raise _invalid("The ID token is not valid yet (nbf).")
 
     # Step 11: the nonce MUST equal the one sent in the authentication request.
@@ -860,7 +864,7 @@ def validate_id_token(
     # Step 12 (acr) is not requested by the gateway.
     # Step 13: with max_age, auth_time is required and must be recent enough.
     if max_age is not None:
-        auth_time = _number(claims.get("auth_time"))
+        auth_time = number_claim(claims.get("auth_time"))
         if auth_time is None:
             raise _invalid("The ID token has no auth_time, but max_age was requested.")
         if auth_time + max_age + leeway < now:
@@ -938,7 +942,7 @@ def validate_logout_token(
     if (not isinstance(audiences, list) or not audiences
             or any(a != client_id for a in audiences)):
         raise _logout_invalid("logout token: the audience is not this client alone")
-    iat = _number(claims.get("iat"))
+    iat = number_claim(claims.get("iat"))
     if iat is None:
         raise _logout_invalid("logout token: no issue time (iat)")
     if iat > now + leeway:
@@ -946,7 +950,7 @@ def validate_logout_token(
     if iat < now - LOGOUT_TOKEN_MAX_AGE - leeway:
         raise _logout_invalid("logout token: too old")
     if "exp" in claims:
-        exp = _number(claims.get("exp"))
+        exp = number_claim(claims.get("exp"))
         if exp is None or now - leeway >= exp:
             raise _logout_invalid("logout token: expired")
     events = claims.get("events")
@@ -1179,11 +1183,6 @@ def _access_invalid(message: str) -> OIDCError:
     return OIDCError(message, reason="access_token_invalid", status_hint=401)
 
 
-def number_claim(value: object) -> float | None:
-    """A NumericDate claim as a float; None for anything else (bools, strings, NaN)."""
-    return _number(value)
-
-
 def signed_access_token(
     token: str, *, keys: KeySet, algorithms: Sequence[str]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1218,7 +1217,7 @@ def premature_claim(claims: Mapping[str, Any], *, now: float, leeway: float) -> 
     """``nbf`` or ``iat`` when present but not a number or later than ``now`` + ``leeway``."""
     for name in ("nbf", "iat"):
         if name in claims:
-            when = _number(claims[name])
+            when = number_claim(claims[name])
             if when is None or when > now + leeway:
                 return name
     return None
@@ -1268,7 +1267,7 @@ def access_token_claims_for_login(
         audiences = [aud] if isinstance(aud, str) else aud
         if not isinstance(audiences, list) or client_id not in audiences:
             raise _access_invalid("The access token names neither this client nor its party.")
-    exp = _number(claims.get("exp"))
+    exp = number_claim(claims.get("exp"))
     if exp is None:
         raise _access_invalid("The access token has no valid expiry (exp).")
     if now - leeway >= exp:

@@ -771,7 +771,7 @@ class RedisStore:
             await self._call("index HDEL", self._client.hdel(self._key(key), *members))
 
     async def ping(self) -> None:
-        if isinstance(self._client, RedisCluster):
+        if self.is_cluster:
             # Every master, not one random node: ready means every slot is served (with a
             # master down and no replica, Redis Cluster refuses all keys anyway).
             await self._call("PING", self._client.ping(target_nodes=RedisCluster.PRIMARIES))
@@ -785,7 +785,7 @@ class RedisStore:
                 await self._master_check
         try:
             await self._client.aclose()
-            if isinstance(self._client, RedisCluster):
+            if isinstance(self._client, RedisCluster):  # narrows the type for mypy
                 # redis-py 8.1: after a node failure the client is marked for re-initialisation
                 # and its aclose() then returns without closing anything, leaking a socket per
                 # node. Close the nodes it knows of ourselves (a no-op when already closed).
