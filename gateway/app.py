@@ -33,7 +33,16 @@ from typing import Any, Final, Protocol
 
 import aiohttp
 from aiohttp import web
+from aiohttp.helpers import (
+    must_be_empty_body,
+    rfc822_formatted_time,
+    should_remove_content_length,
+)
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.http_writer import StreamWriter, _serialize_headers
+from aiohttp.streams import EMPTY_PAYLOAD
 from prometheus_client import multiprocess
 
 from gateway.admin import create_admin_app
@@ -536,6 +545,13 @@ class ConnectionGuard:
         self.open -= 1
 
 
+def _is_whole(response: web.StreamResponse) -> bool:
+    """A plain ``web.Response`` whose body is bytes in memory, neither compressed nor
+    chunked: what :meth:`GatewayRequestHandler._write_whole` can write itself."""
+    return (type(response) is web.Response and isinstance(response.body, bytes | None)
+            and not response.chunked and response.compression is False)
+
+
 class GatewayRequestHandler(web.RequestHandler):
     """aiohttp's per-connection protocol, with what the gateway needs on top:
 
@@ -580,6 +596,135 @@ class GatewayRequestHandler(web.RequestHandler):
         if status == 400 and (too_long or too_many):
             status, message = 431, "Request header fields too large"
         return super().handle_error(request, status, exc, message)
+
+    async def start(self) -> None:
+        """aiohttp's request loop, with a short way for requests that have no body.
+
+        For every request aiohttp's loop starts a task (to give each its own copy of the
+        context variables; the gateway keeps none), and writes the answer through the
+        StreamResponse machinery. Here a request without a body (and not an upgrade) is
+        answered in this connection's own task, and an answer that is whole (a
+        ``web.Response`` with its body: a 401, a redirect, an error page, a small page from
+        the upstream) goes out in one write: :meth:`_write_whole`. Issue 7: a bare 401
+        server ran at 9.8k req/s through aiohttp's loop and at 16.5k through this one.
+
+        At the first request with a body or an upgrade, aiohttp's own loop takes over the
+        connection for good (that request is still first in the queue); so does every
+        parse error (aiohttp answers those itself).
+        """
+        loop = self._loop
+        manager, handler = self._manager, self._request_handler
+        factory = self._request_factory
+        if manager is None or handler is None or factory is None:
+            return  # the connection is already gone
+        messages = self._messages
+        while not self._force_close:
+            if not messages:
+                try:
+                    self._waiter = loop.create_future()
+                    await self._waiter
+                finally:
+                    self._waiter = None
+                continue
+            message, payload = messages[0]
+            if (payload is not EMPTY_PAYLOAD or not isinstance(message, RawRequestMessage)
+                    or message.upgrade or self._upgraded):
+                break
+            messages.popleft()
+            if self._parser is not None:
+                self._parser.message_consumed()
+            if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:
+                self._resume_reading_if_drained()
+            manager.requests_count += 1
+            request = factory(message, payload, self, StreamWriter(self, loop),
+                              self._task_handler)  # type: ignore[arg-type]
+            if not await self._answer(request, handler):
+                if not self._force_close:  # as aiohttp ends a connection that is not kept
+                    self._task_handler = None
+                    if self.transport is not None:
+                        self.transport.close()
+                return
+            close_time = loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            if self._keepalive_handle is None:
+                self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
+        if not self._force_close:
+            await super().start()
+
+    async def _answer(
+        self, request: web.BaseRequest,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> bool:
+        """Answer one request in the connection's task; whether the connection is kept."""
+        self._request_in_progress = True
+        self._current_request = request
+        try:
+            response = await handler(request)
+            if not response.prepared and _is_whole(response):
+                self._write_whole(request, response)  # type: ignore[arg-type]
+            else:
+                await response.prepare(request)
+                await response.write_eof()
+        except ConnectionError:  # the client left while its answer was being written
+            self.force_close()
+            return False
+        except asyncio.CancelledError:
+            self.force_close()
+            raise
+        except Exception as exc:  # Gateway.handle answers its own errors; this is a bug
+            self.log_exception("Unhandled exception", exc_info=exc)
+            self.force_close()
+            return False
+        finally:
+            self._current_request = None
+            self._request_in_progress = False
+            if self._handler_waiter is not None:  # shutdown() waits for this request
+                self._handler_waiter.set_result(None)
+                self._handler_waiter = None
+        self._keepalive = bool(response.keep_alive)
+        return self._keepalive and not self._close and not self._force_close
+
+    def _write_whole(self, request: web.BaseRequest, response: web.Response) -> None:
+        """Write a whole answer, head and body, in one write: the bytes aiohttp's
+        ``prepare()`` and ``write_eof()`` would write for it, less their bookkeeping (the
+        same Content-Length, Content-Type, Date, Server and Connection rules, the same header
+        serializer, which refuses CR and LF in a header: security note 8)."""
+        method, status = request.method, response.status
+        body = response.body or b""
+        assert isinstance(body, bytes)  # noqa: S101 - _is_whole checked it
+        headers = response.headers
+        empty = must_be_empty_body(method, status)
+        if "Content-Length" in headers:
+            if should_remove_content_length(method, status):
+                del headers["Content-Length"]
+        elif body or (status != 304 and method != "HEAD"):
+            headers["Content-Length"] = str(len(body))
+        for cookie in response.cookies.values():
+            headers.add("Set-Cookie", cookie.output(header="")[1:])
+        if empty:
+            headers.pop("Transfer-Encoding", None)
+        elif body:
+            headers.setdefault("Content-Type", "application/octet-stream")
+        if "Date" not in headers:
+            headers["Date"] = rfc822_formatted_time()
+        headers.setdefault("Server", SERVER_SOFTWARE)
+        keep_alive = response.keep_alive
+        if keep_alive is None:
+            keep_alive = response._keep_alive = request.keep_alive
+        version = request.version
+        if "Connection" not in headers:
+            if keep_alive:
+                if version == HttpVersion10:
+                    headers["Connection"] = "keep-alive"
+            elif version == HttpVersion11:
+                headers["Connection"] = "close"
+        head = _serialize_headers(
+            f"HTTP/{version[0]}.{version[1]} {status} {response.reason}", headers)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        transport.write(head if empty or not body else head + body)
+        response._eof_sent = True  # prepared: nothing more goes out for it
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         exc = kw.get("exc_info")

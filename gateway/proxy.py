@@ -142,21 +142,19 @@ class UpstreamProxy:
         upstream: UpstreamResponse,
         headers: Sequence[tuple[str, str]],
     ) -> web.StreamResponse:
-        """Stream the upstream's answer to the browser, chunk by chunk (a small answer that is
-        already whole goes out in one write)."""
+        """Stream the upstream's answer to the browser, chunk by chunk. A small answer that
+        is already whole is returned unsent, as a ``web.Response`` holding its body: the
+        server writes it, head and body in one write (app.GatewayRequestHandler)."""
         response: web.StreamResponse
         try:
             body = upstream.buffered_body(_SMALL_BODY)
             if body is not None:
-                response = web.Response(
+                return web.Response(
                     status=upstream.status,
                     reason=upstream.reason,
                     body=body,
                     headers=CIMultiDict(headers),
                 )
-                await response.prepare(request)
-                await response.write_eof()
-                return response
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in headers:
                 response.headers.add(name, value)

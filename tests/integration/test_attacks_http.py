@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -356,3 +357,102 @@ async def test_an_unknown_expectation_is_417_and_nothing_is_forwarded(world: Wor
     assert answer.responses == 1
     assert b"only 100-continue" in answer.body  # the gateway's answer, not the app's
     assert world.seen_since(mark) == []
+
+
+def _answers(raw: bytes, methods: list[str]) -> list[tuple[str, int, dict[str, str], bytes]]:
+    """Split a stream of answers, framed by Content-Length as a client must (a HEAD answer's
+    Content-Length promises no body): (status line's version, status, headers, body)."""
+    out = []
+    for method in methods:
+        head, sep, raw = raw.partition(b"\r\n\r\n")
+        assert sep, f"no complete answer for the {method}"
+        lines = head.decode("latin-1").split("\r\n")
+        version, status = lines[0].split(" ")[0], int(lines[0].split(" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            assert name.lower() not in headers, f"{name} twice in one answer"
+            headers[name.lower()] = value.strip()
+        assert "transfer-encoding" not in headers  # every answer here has a length
+        size = 0 if method == "HEAD" else int(headers["content-length"])
+        out.append((version, status, headers, raw[:size]))
+        raw = raw[size:]
+    assert raw == b"", "bytes after the last answer"
+    return out
+
+
+async def test_pipelined_requests_with_and_without_bodies_are_answered_in_order(
+    world: World
+) -> None:
+    """Requests without a body are answered in the connection's own task, one write each;
+    the first with a body hands the connection to aiohttp's loop (app.GatewayRequestHandler).
+    Sent at once on one connection, all five are answered, in order, each framed right, and
+    the upstream sees each once, with its body."""
+    mark = world.mark()
+    methods = ["GET", "HEAD", "POST", "GET", "GET"]
+    data = (request_bytes("GET", "/public/one", ["Host: gw.test"])
+            + request_bytes("HEAD", "/public/two", ["Host: gw.test"])
+            + request_bytes("POST", "/public/three", ["Host: gw.test", "Content-Length: 5"],
+                            b"hello")
+            + request_bytes("GET", "/public/four", ["Host: gw.test"])
+            + request_bytes("GET", "/public/five", ["Host: gw.test", "Connection: close"]))
+    answer = await raw_exchange(world.port, data)
+    assert answer.closed  # after the last, which asked for it
+    answers = _answers(answer.raw, methods)
+    assert [status for _, status, _, _ in answers] == [200] * 5
+    paths = ["/public/one", "/public/two", "/public/three", "/public/four", "/public/five"]
+    for (_, _, headers, body), method, path in zip(answers, methods, paths, strict=True):
+        assert headers["x-request-id"]
+        if method != "HEAD":
+            assert json.loads(body)["raw_path"] == path
+    # The HEAD answer carries the length a GET's body would have, and no body.
+    assert int(answers[1][2]["content-length"]) > 0
+    assert answers[0][2].get("connection") is None  # kept open: HTTP/1.1's default
+    assert answers[4][2]["connection"] == "close"
+    seen = world.seen_since(mark)
+    assert [(r["method"], r["raw_path"], r["body_len"]) for r in seen] == [
+        ("GET", "/public/one", 0), ("HEAD", "/public/two", 0), ("POST", "/public/three", 5),
+        ("GET", "/public/four", 0), ("GET", "/public/five", 0)]
+
+
+async def _http10(port: int, keep_alive: bool) -> tuple[bytes, bool]:
+    """Two HTTP/1.0 GETs on one connection; what came back, and whether it was closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    extra = b"Connection: keep-alive\r\n" if keep_alive else b""
+    request = b"GET /public/old HTTP/1.0\r\nHost: gw.test\r\n" + extra + b"\r\n"
+    raw, closed = b"", False
+    try:
+        writer.write(request)
+        async with asyncio.timeout(5):
+            while b"\r\n\r\n" not in raw:
+                raw += await reader.read(65536)
+            await asyncio.sleep(0.1)  # the body and a close, if one comes
+            if keep_alive:
+                writer.write(request)
+            while chunk := await reader.read(65536):
+                raw += chunk
+                if keep_alive and raw.count(b"HTTP/1.0 200") == 2 and raw.endswith(b"}"):
+                    break
+            else:
+                closed = True
+    finally:
+        writer.close()
+    return raw, closed
+
+
+async def test_http10_clients_get_http10_answers_and_their_connection_handling(
+    world: World
+) -> None:
+    """HTTP/1.0 closes after each answer unless the client asks to keep the connection, and
+    then the answer says it is kept (RFC 9112 9.3); a length frames every answer."""
+    raw, closed = await _http10(world.port, keep_alive=False)
+    assert closed
+    ((version, status, headers, body),) = _answers(raw, ["GET"])
+    assert (version, status) == ("HTTP/1.0", 200)
+    assert "keep-alive" not in headers.get("connection", "")
+    assert json.loads(body)["raw_path"] == "/public/old"
+    raw, closed = await _http10(world.port, keep_alive=True)
+    assert not closed
+    answers = _answers(raw, ["GET", "GET"])
+    assert [(a[0], a[1], a[2]["connection"]) for a in answers] == [
+        ("HTTP/1.0", 200, "keep-alive")] * 2
