@@ -386,29 +386,35 @@ async def test_pipelined_requests_with_and_without_bodies_are_answered_in_order(
 ) -> None:
     """Requests without a body are answered in the connection's own task, one write each;
     the first with a body hands the connection to aiohttp's loop (app.GatewayRequestHandler).
-    Sent at once on one connection, all five are answered, in order, each framed right, and
-    the upstream sees each once, with its body."""
+    Sent at once on one connection, all are answered, in order, each framed right (a HEAD
+    answer promises the GET's length and sends no body), and the upstream sees each proxied
+    one once, with its body."""
     mark = world.mark()
-    methods = ["GET", "HEAD", "POST", "GET", "GET"]
-    data = (request_bytes("GET", "/public/one", ["Host: gw.test"])
-            + request_bytes("HEAD", "/public/two", ["Host: gw.test"])
-            + request_bytes("POST", "/public/three", ["Host: gw.test", "Content-Length: 5"],
-                            b"hello")
-            + request_bytes("GET", "/public/four", ["Host: gw.test"])
-            + request_bytes("GET", "/public/five", ["Host: gw.test", "Connection: close"]))
+    api = ["Accept: application/json"]
+    sent = [("GET", "/public/one", []), ("HEAD", "/public/two", []),
+            ("GET", "/private", api), ("HEAD", "/private", api),
+            ("POST", "/public/three", ["Content-Length: 5"]), ("GET", "/public/four", []),
+            ("GET", "/public/five", ["Connection: close"])]
+    data = b"".join(
+        request_bytes(method, path, ["Host: gw.test", *headers],
+                      b"hello" if method == "POST" else b"")
+        for method, path, headers in sent)
     answer = await raw_exchange(world.port, data)
     assert answer.closed  # after the last, which asked for it
+    methods = [method for method, _, _ in sent]
     answers = _answers(answer.raw, methods)
-    assert [status for _, status, _, _ in answers] == [200] * 5
-    paths = ["/public/one", "/public/two", "/public/three", "/public/four", "/public/five"]
-    for (_, _, headers, body), method, path in zip(answers, methods, paths, strict=True):
+    assert [status for _, status, _, _ in answers] == [200, 200, 401, 401, 200, 200, 200]
+    for (_, status, headers, body), (method, path, _) in zip(answers, sent, strict=True):
         assert headers["x-request-id"]
-        if method != "HEAD":
+        assert headers["date"]
+        if method == "GET" and status == 200:
             assert json.loads(body)["raw_path"] == path
-    # The HEAD answer carries the length a GET's body would have, and no body.
+    # Each HEAD answer carries the length its GET's body has, and no body.
     assert int(answers[1][2]["content-length"]) > 0
+    assert answers[3][2]["content-length"] == str(len(answers[2][3]))
+    assert json.loads(answers[2][3])["error"] == "unauthenticated"
     assert answers[0][2].get("connection") is None  # kept open: HTTP/1.1's default
-    assert answers[4][2]["connection"] == "close"
+    assert answers[6][2]["connection"] == "close"
     seen = world.seen_since(mark)
     assert [(r["method"], r["raw_path"], r["body_len"]) for r in seen] == [
         ("GET", "/public/one", 0), ("HEAD", "/public/two", 0), ("POST", "/public/three", 5),
