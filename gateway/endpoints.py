@@ -1198,7 +1198,7 @@ class Gateway:
 
         # Session fixation: whatever session the browser brought is ended, and the new one
         # gets a fresh id and secret.
-        old = decode_ticket(request.cookies.get(self.cookie_name, ""))
+        old = self._ticket_of(request)
         if old is not None:
             await self.store.delete(f"s:{old.session_id}")
         ticket = new_ticket(self.token_bytes)
@@ -1249,7 +1249,7 @@ class Gateway:
                 request_id=facts.request_id, kind="sign_out_confirm",
             )
         session: Session | None = None
-        ticket = decode_ticket(request.cookies.get(self.cookie_name, ""))
+        ticket = self._ticket_of(request)
         if ticket is not None:
             found = await self.authenticate(request)
             session = found[1] if found else None
