@@ -8,11 +8,15 @@ fails with the package to install, and so does this test.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.support.peers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 OURS = "oidc-gateway"
@@ -77,3 +81,30 @@ def test_smoke_run_measures_every_case() -> None:
 
     assert "peak RSS (VmHWM" in done.stdout
     assert "bytes per session" in done.stdout, done.stdout
+
+
+@pytest.mark.provider
+@pytest.mark.timeout(200)
+def test_side_by_side_tool_measures_both_trees(oidc_provider: Any) -> None:
+    """``python -m bench.ab`` (one change, measured side by side) starts each tree's gateway,
+    checks its answer and reports both variants' CPU per request. Smoke only: the same tree
+    twice, one 1-second slice each, the 302 case (it needs the provider to be loaded)."""
+    port = free_port()
+    client_id, client_secret = oidc_provider.register_client(
+        [f"http://127.0.0.1:{port}/oauth2/callback"])
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.ab", str(REPO), str(REPO), "--case", "redirect",
+         "--rounds", "1", "--seconds", "1", "--port", str(port),
+         "--provider", oidc_provider.issuer, "--client-id", client_id,
+         "--client-secret", client_secret, "--upstream", "http://127.0.0.1:9"],
+        cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, f"bench.ab failed:\n{done.stdout}\n{done.stderr[-3000:]}"
+    measured = re.findall(r"^ab: ([AB]) .*: ([\d,.]+) µs CPU/req over ([\d,]+) requests$",
+                          done.stdout, re.MULTILINE)
+    assert [name for name, _, _ in measured] == ["A", "B"], done.stdout
+    for _, cpu, count in measured:
+        assert _number(cpu) > 0
+        assert _number(count) > 0
+    assert "ab: B ÷ A = " in done.stdout

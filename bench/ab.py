@@ -1,0 +1,126 @@
+"""``python -m bench.ab OLD_SRC NEW_SRC``: CPU per request of two gateway trees, side by side.
+
+A full ``python -m bench`` run compares against Apache, but on a shared VM its 10-second
+slices drift by 10-20 % within minutes, which hides a change of that size. This measures one
+change: each source tree (a folder holding ``gateway/``, e.g. a ``git worktree`` of the commit
+before) runs as its own one-process gateway with the same config, and short wrk slices go to
+A and B in alternating order (ABBAAB...), so slow and fast minutes fall on both alike. The
+figure is the gateway process's own CPU (user + system) per request, summed over all slices;
+the probe before each slice checks the answer (status and body) so a broken variant cannot
+pass for fast.
+
+Cases: ``api401`` (no provider needed), ``redirect`` and ``get`` (signed in: logs in at the
+provider first). Both need ``--provider`` (e.g. the peer's ``http://127.0.0.1:7400``) whose
+client allows ``http://127.0.0.1:PORT/oauth2/callback``; the gateway listens on ``--port``
+(4180, what the peer registers), one variant at a time, restarted for every slice. Sessions
+live in the memory store; the upstream is ``--upstream`` (the peer's nginx by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from bench.harness import HarnessError, cpu_seconds, gateway_env, http_status
+from bench.loadgen import API_ACCEPT, BROWSER_ACCEPT, Request, probe, run_wrk
+from bench.login import session_cookie
+from tests.support.peers import ChildProcess
+
+START_DEADLINE = 30.0
+CASES = {"api401": (API_ACCEPT, 401), "redirect": (BROWSER_ACCEPT, 302), "get": ("*/*", 200)}
+
+
+def _config(port: int, args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "version": 1,
+        "server": {"listen": f"127.0.0.1:{port}"},
+        "provider": {"issuer": args.provider, "client_id": args.client_id,
+                     "client_secret": args.client_secret},
+        "session": {"store": "memory", "cookie": {"secure": False},
+                    "keys": [base64.b64encode(secrets.token_bytes(32)).decode()]},
+        "routes": [{"name": "app", "match": {"path": "/"}, "upstream": args.upstream}],
+        "logging": {"level": "info", "format": "json", "access_log": False},
+    }
+
+
+def _slice(src: Path, config: Path, log: Path, args: argparse.Namespace) -> tuple[float, int]:
+    """Start the gateway from ``src``, check one answer, warm up, then one measured wrk run:
+    (CPU seconds of the gateway process, requests answered)."""
+    url = f"http://127.0.0.1:{args.port}"
+    accept, status = CASES[args.case]
+    gateway = ChildProcess("gateway", [sys.executable, "-m", "gateway", "run", "-c", str(config)],
+                           log, cwd=src, env=gateway_env(src), group=True)
+    gateway.start()
+    try:
+        gateway.wait_until(lambda: http_status("127.0.0.1", args.port, "/ready") == 200,
+                           START_DEADLINE, f"it is ready on {url}/ready")
+        cookie = session_cookie(url) if args.case == "get" else None
+        request = Request("GET", "/bench", accept, cookie)
+        answer = probe(url, request)
+        if answer.status != status:
+            raise HarnessError(f"{src}: GET /bench answered {answer.status}, expected {status}")
+        run_wrk(url, request, duration=1, connections=args.connections, threads=1)
+        pid = gateway.pid
+        assert pid is not None  # noqa: S101 - started above
+        before = cpu_seconds({pid})[pid]
+        result = run_wrk(url, request, duration=args.seconds, connections=args.connections,
+                         threads=1)
+        used = cpu_seconds({pid})[pid] - before
+        if result.err_connect or result.err_read or result.err_write or result.err_timeout:
+            raise HarnessError(f"{src}: wrk saw errors: {result.error_text()}")
+        return used, result.requests
+    finally:
+        gateway.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.splitlines()[0])
+    parser.add_argument("old", type=Path, help="source tree A (holds gateway/)")
+    parser.add_argument("new", type=Path, help="source tree B (holds gateway/)")
+    parser.add_argument("--case", choices=sorted(CASES), default="get")
+    parser.add_argument("--rounds", type=int, default=6, help="slices per variant [6]")
+    parser.add_argument("--seconds", type=int, default=4, help="measured seconds per slice [4]")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--port", type=int, default=4180)
+    parser.add_argument("--provider", default="http://127.0.0.1:7400")
+    parser.add_argument("--client-id", default="gateway-bench")
+    parser.add_argument("--client-secret", default="gateway-bench-secret-0123456789abcdef")
+    parser.add_argument("--upstream", default="http://127.0.0.1:7401")
+    args = parser.parse_args(argv)
+    if not 1 <= args.rounds <= 50 or not 1 <= args.seconds <= 60:
+        parser.error("--rounds must be 1..50 and --seconds 1..60")
+    sources = {"A": args.old.resolve(), "B": args.new.resolve()}
+    for src in sources.values():
+        if not (src / "gateway" / "__init__.py").is_file():
+            parser.error(f"{src} holds no gateway/ package")
+    totals = {name: [0.0, 0] for name in sources}
+    with tempfile.TemporaryDirectory(prefix="oidcgw-ab-") as folder:
+        config = Path(folder) / "gateway.yaml"
+        config.write_text(yaml.safe_dump(_config(args.port, args)))
+        try:
+            for index in range(args.rounds):
+                order = ("A", "B") if index % 2 == 0 else ("B", "A")
+                for name in order:
+                    used, count = _slice(sources[name], config, Path(folder) / f"{name}.log", args)
+                    totals[name][0] += used
+                    totals[name][1] += count
+                    print(f"ab: round {index + 1} {name}: {count / args.seconds:,.0f} req/s, "
+                          f"{used / max(count, 1) * 1e6:,.0f} µs CPU/req", flush=True)
+        except HarnessError as exc:
+            print(f"ab: {exc}", file=sys.stderr)
+            return 1
+    per = {name: used / max(count, 1) * 1e6 for name, (used, count) in totals.items()}
+    for name, src in sources.items():
+        print(f"ab: {name} {src}: {per[name]:,.1f} µs CPU/req over {totals[name][1]:,} requests")
+    print(f"ab: B ÷ A = {per['B'] / per['A']:.3f} (CPU per request, {args.case})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
