@@ -363,24 +363,27 @@ class Gateway:
         own = False
         error: RequestError | None = None
         try:
-            if "Expect" in request.headers:
-                await self._expect(request)
+            expects = "Expect" in request.headers and self._expects_continue(request)
             facts = self._facts(request, request_id)
             handler = self.own.get(facts.path)
             if handler is not None:
                 route_name = facts.path
                 own = True
+                if expects:
+                    await self._continue(request)
                 response = await handler(request, facts)
             elif facts.path.startswith(f"{self.prefix}/auth/"):
                 # Envoy ext_authz's path_prefix form: /oauth2/auth/<original path>.
                 route_name = f"{self.prefix}/auth"
+                if expects:
+                    await self._continue(request)
                 response = await self.forward_auth(request, facts)
             elif facts.path == self.prefix or facts.path.startswith(self.prefix + "/"):
                 raise NotFound("the gateway has no endpoint at this path")
             else:
                 route = self._match_route(facts.host, facts.path, request.method)
                 route_name = route.name
-                response, _ = await self._proxy(request, facts, route)
+                response, _ = await self._proxy(request, facts, route, expects=expects)
         except RequestError as exc:
             error = exc
             if isinstance(exc, SessionStoreError):
@@ -397,17 +400,23 @@ class Gateway:
         return response
 
     @staticmethod
-    async def _expect(request: web.BaseRequest) -> None:
-        """``Expect: 100-continue`` (RFC 9110 10.1.1): say "continue" so a client holding its
-        body back (curl, above 1 KB) sends it now rather than after its own wait; any other
-        expectation cannot be met (417). HTTP/1.0 has no 1xx answers: ignored there. The
-        gateway's server hands requests straight to :meth:`handle`, past aiohttp's router,
-        which did this before (``create_app`` turns the router's own handling off)."""
+    def _expects_continue(request: web.BaseRequest) -> bool:
+        """Whether the client holds its body back until it hears ``100 Continue`` (RFC 9110
+        10.1.1); any other expectation cannot be met (417). HTTP/1.0 has no 1xx answers: its
+        Expect is ignored. The gateway's server hands requests straight to :meth:`handle`,
+        past aiohttp's router, which used to answer it (``create_app`` turns that off)."""
         if request.version < (1, 1):
-            return
+            return False
         if request.headers.getone("Expect", "").lower() != "100-continue":
             raise ExpectationFailed("The request's Expect header asks for something this "
                                     "gateway cannot do; only 100-continue is supported.")
+        return True
+
+    @staticmethod
+    async def _continue(request: web.BaseRequest) -> None:
+        """Say "continue" once the request may go ahead: a client holding its body back (curl,
+        above 1 KB) then sends it at once rather than after its own wait, and one that is
+        refused (401, redirect, 403, 404) hears so without having been asked for its body."""
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the answer's own size starts after the 100
 
@@ -886,11 +895,14 @@ class Gateway:
             raise
 
     async def _proxy(
-        self, request: web.BaseRequest, facts: RequestFacts, route: RouteConfig
+        self, request: web.BaseRequest, facts: RequestFacts, route: RouteConfig, *,
+        expects: bool = False,
     ) -> tuple[web.StreamResponse, str | None]:
         access, access_token = await self._decide(request, facts, route, request.method)
         if access.login_needed:
             return await self._unauthenticated(request, facts, route), None
+        if expects:  # allowed: now the body is wanted
+            await self._continue(request)
         identity: Identity | None = access.identity
         host_header = facts.host_header if route.pass_host_header else urlsplit(
             route.upstream).netloc

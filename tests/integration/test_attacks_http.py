@@ -349,6 +349,29 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent(world: Wo
         ("/public/upload", len(body))]
 
 
+@pytest.mark.parametrize("accept", ["application/json", "text/html"])
+async def test_an_upload_without_a_session_is_refused_before_its_body_is_invited(
+    world: World, accept: str
+) -> None:
+    """``100 Continue`` comes only once the request may go ahead: a client holding back its
+    body for a protected path without a session hears the 401 (JSON, or the sign-in page a
+    browser's form gets) and is never asked to send the body; nothing reaches the upstream."""
+    mark = world.mark()
+    head = request_bytes("POST", "/private/upload", [
+        "Host: gw.test", "Expect: 100-continue", f"Accept: {accept}",
+        "Content-Length: 1048576"], b"")
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        async with asyncio.timeout(5.0):
+            first = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 401 "), first
+    assert world.seen_since(mark) == []
+
+
 async def test_an_unknown_expectation_is_417_and_nothing_is_forwarded(world: World) -> None:
     mark = world.mark()
     answer = await raw_exchange(world.port, request_bytes("POST", "/public/upload", [
