@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -322,6 +323,24 @@ async def test_large_bodies_stream_through_with_or_without_a_length(world: World
             assert (await r.json())["size"] == size
 
 
+@asynccontextmanager
+async def _body_held_back(
+    port: int, head: bytes, *, within: float
+) -> AsyncIterator[tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """Send only a request's head (its body held back, as a client waiting for ``100
+    Continue`` does) and read the first answer head that comes within ``within`` seconds;
+    the connection stays open inside the block."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        async with asyncio.timeout(within):
+            first = await reader.readuntil(b"\r\n\r\n")
+        yield first, reader, writer
+    finally:
+        writer.close()
+
+
 async def test_expect_100_continue_is_answered_before_the_body_is_sent(world: World) -> None:
     """A client that holds its body back (curl does above 1 KB) hears "100 Continue" at once,
     not after its own wait, then its body is forwarded whole and answered once."""
@@ -330,19 +349,13 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent(world: Wo
     head = request_bytes("POST", "/public/upload", [
         "Host: gw.test", "Expect: 100-continue", f"Content-Length: {len(body)}",
         "Connection: close"], b"")
-    reader, writer = await asyncio.open_connection("127.0.0.1", world.port)
-    try:
-        writer.write(head)
-        await writer.drain()
-        async with asyncio.timeout(1.0):  # curl waits 1 s before sending anyway
-            interim = await reader.readuntil(b"\r\n\r\n")
+    # curl waits 1 s before sending anyway
+    async with _body_held_back(world.port, head, within=1.0) as (interim, reader, writer):
         assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
         writer.write(body)
         await writer.drain()
         async with asyncio.timeout(5.0):
             rest = await reader.read()
-    finally:
-        writer.close()
     assert rest.startswith(b"HTTP/1.1 200 ")
     assert b"100 Continue" not in rest
     assert [(r["raw_path"], r["body_len"]) for r in world.seen_since(mark)] == [
@@ -360,15 +373,8 @@ async def test_an_upload_without_a_session_is_refused_before_its_body_is_invited
     head = request_bytes("POST", "/private/upload", [
         "Host: gw.test", "Expect: 100-continue", f"Accept: {accept}",
         "Content-Length: 1048576"], b"")
-    reader, writer = await asyncio.open_connection("127.0.0.1", world.port)
-    try:
-        writer.write(head)
-        await writer.drain()
-        async with asyncio.timeout(5.0):
-            first = await reader.readuntil(b"\r\n\r\n")
-    finally:
-        writer.close()
-    assert first.startswith(b"HTTP/1.1 401 "), first
+    async with _body_held_back(world.port, head, within=5.0) as (first, _, _):
+        assert first.startswith(b"HTTP/1.1 401 "), first
     assert world.seen_since(mark) == []
 
 
