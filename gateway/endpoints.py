@@ -941,13 +941,14 @@ class Gateway:
 
     async def _identity_headers(
         self, facts: RequestFacts, route: RouteConfig, identity: Identity | None,
-        access_token: str | None,
+        access_token: str | None, *, sign: bool = True,
     ) -> list[tuple[str, str]]:
-        """The route's identity headers (headers:) and, with assertion: true and a signed-in
-        user, X-Gateway-Assertion, within the header budget (a cut is logged, not refused)."""
+        """The route's identity headers (headers:) and, with assertion: true, a signed-in
+        user and ``sign``, X-Gateway-Assertion, within the header budget (a cut is logged,
+        not refused)."""
         assertion = None
         keys = self.assertion_keys
-        if route.assertion and identity is not None and keys is not None:
+        if route.assertion and identity is not None and keys is not None and sign:
             settings = self.config.assertion
             assertion = AssertionRequest(
                 key=await keys.signing_key(),
@@ -1490,14 +1491,22 @@ class Gateway:
                 {"error": "unauthenticated", "login_url": login_url},
                 status=401, headers={"Cache-Control": _NO_STORE, **headers},
             )
-        if not peer_trusted(request.remote or "", self.config.server.trusted_proxies):
+        trusted = peer_trusted(request.remote or "", self.config.server.trusted_proxies)
+        if not trusted:
             # The answer goes to whoever asked. A trusted proxy copies the token onto the
             # request to the app; anyone else asking (a page's script, with the user's
             # cookie) would be reading a bearer token the gateway otherwise never lets out.
+            # The same goes for a signed assertion, which an app takes as the user.
             token = None
         response = web.Response(status=202, headers={"Cache-Control": _NO_STORE})
         for name, value in auth_request_headers(access.identity, token):
             response.headers[name] = value
+        if access.identity is not None:
+            # And the headers the proxy mode would send this route's app (headers:, and
+            # X-Gateway-Assertion with assertion: true), for the proxy to copy by name.
+            for name, value in await self._identity_headers(
+                    original, route, access.identity, token, sign=trusted):
+                response.headers.add(name, value)
         return response
 
     def _original_target(

@@ -18,6 +18,7 @@ Users at the test OP: alice (groups eng and admins), bob (group sales).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import re
@@ -61,6 +62,8 @@ def routes(upstream: str) -> list[dict[str, Any]]:
         {"name": "intranet", "match": {"host": "intranet.test", "path": "/"},
          "upstream": upstream, "allow": [{"groups": ["admins"]}]},
         {"name": "app", "match": {"path": "/app/"}, "upstream": upstream},
+        {"name": "signed", "match": {"path": "/signed/"}, "upstream": upstream,
+         "headers": {"send": {"X-User-Id": "sub", "X-Mail": "email"}}, "assertion": True},
         # No catch-all: /elsewhere on any other host has no route.
     ]
 
@@ -280,6 +283,50 @@ async def test_traefik_check_answers_for_the_original_request_with_identity_head
     assert nowhere.json()["error"] == "no_route"
     # Nothing was proxied: forward-auth never calls the upstream itself.
     assert not [r for r in world.upstream.seen.requests if r["path"] != "/app/"]
+
+
+async def test_the_check_also_answers_the_routes_own_identity_headers_and_assertion(
+    world: World,
+) -> None:
+    """A route's ``headers:`` and ``assertion: true`` hold in forward-auth mode too: the 202
+    carries the headers the proxy mode would send that route's app, for the proxy to copy by
+    name, and X-Gateway-Assertion only when a trusted proxy asks (like the access token: an
+    app takes an assertion as the user, so a page's script asking must not get one)."""
+    gw = await world.start()
+    alice = await world.session_of("alice", "wonderland")
+
+    async def ask(uri: str, source: str) -> Answer:
+        return await send_raw(gw.port, "GET", "/oauth2/auth", traefik(
+            "apps.test", uri, cookie=alice, gateway_port=gw.port), source=source)
+
+    trusted = await ask("/signed/page", TRUSTED)
+    assert trusted.status == 202
+    assert trusted.headers["X-Mail"] == "alice@example.com"
+    sub = trusted.headers["X-User-Id"]
+    assert sub
+    assert "X-Forwarded-User" not in trusted.headers  # send: replaced the built-in headers
+    assert trusted.auth_request()["user"] == "alice"  # the X-Auth-Request-* stay
+    (assertion,) = trusted.headers.getall("X-Gateway-Assertion")
+    claims = json.loads(base64.urlsafe_b64decode(assertion.split(".")[1] + "=="))
+    assert claims["sub"] == sub
+    assert claims["aud"] == world.upstream.url  # the route's upstream, as in proxy mode
+    assert claims["iss"] == "https://apps.test"  # the original request's origin
+
+    # Asked from outside trusted_proxies (the Envoy path form, believed from anyone): the
+    # identity headers, but no assertion.
+    untrusted = await send_raw(gw.port, "GET", "/oauth2/auth/signed/page",
+                               envoy("apps.test", cookie=alice), source=UNTRUSTED)
+    assert untrusted.status == 202
+    assert untrusted.headers["X-User-Id"] == sub
+    assert "X-Gateway-Assertion" not in untrusted.headers
+
+    # A route without headers: or assertion keeps the answer it had: no extra headers but
+    # the built-in ones the proxy mode sends.
+    plain = await ask("/app/page", TRUSTED)
+    assert plain.status == 202
+    assert plain.headers["X-Forwarded-User"] == "alice"
+    assert "X-Gateway-Assertion" not in plain.headers
+    assert "X-User-Id" not in plain.headers
 
 
 async def test_the_original_path_is_judged_normalised_and_ambiguous_ones_are_refused(
