@@ -19,34 +19,32 @@ live in the memory store; the upstream is ``--upstream`` (the peer's nginx by de
 from __future__ import annotations
 
 import argparse
-import base64
-import secrets
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from bench.harness import HarnessError, cpu_seconds, gateway_env, http_status
+from bench.harness import (
+    START_DEADLINE,
+    HarnessError,
+    bench_config,
+    cpu_seconds,
+    gateway_env,
+    http_status,
+)
 from bench.loadgen import API_ACCEPT, BROWSER_ACCEPT, Request, probe, run_wrk
 from bench.login import session_cookie
 from tests.support.peers import ChildProcess
 
-START_DEADLINE = 30.0
 CASES = {"api401": (API_ACCEPT, 401), "redirect": (BROWSER_ACCEPT, 302), "get": ("*/*", 200)}
 
 
-def _config(port: int, args: argparse.Namespace) -> dict[str, object]:
-    return {
-        "version": 1,
-        "server": {"listen": f"127.0.0.1:{port}"},
-        "provider": {"issuer": args.provider, "client_id": args.client_id,
-                     "client_secret": args.client_secret},
-        "session": {"store": "memory", "cookie": {"secure": False},
-                    "keys": [base64.b64encode(secrets.token_bytes(32)).decode()]},
-        "routes": [{"name": "app", "match": {"path": "/"}, "upstream": args.upstream}],
-        "logging": {"level": "info", "format": "json", "access_log": False},
-    }
+def _config(port: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The bench's gateway config, with sessions in the memory store."""
+    return bench_config(port=port, issuer=args.provider, client_id=args.client_id,
+                        client_secret=args.client_secret, upstream=args.upstream)
 
 
 def _slice(src: Path, config: Path, log: Path, args: argparse.Namespace) -> tuple[float, int]:

@@ -247,15 +247,11 @@ class Harness(contextlib.ExitStack):
             url = f"http://127.0.0.1:{port}"
             issuer = self.op.issuer
             client_id, client_secret = self.op.register_client([f"{url}/oauth2/callback"])
-        config = gateway_config(
+        config = bench_config(
             port=port, issuer=issuer, client_id=client_id, client_secret=client_secret,
             upstream=self.upstream_url, store="redis", redis_url=self.redis.url,
             key_prefix=self.key_prefix, session_key=self.session_key,
-            # Every path needs a session, as in the peer's Apache (<Location /> valid-user).
-            routes=[{"name": "app", "match": {"path": "/"}, "upstream": self.upstream_url}],
         )
-        # Like the peer: no access log on either side (logins still log at info).
-        config["logging"] = {"level": "info", "format": "json", "access_log": False}
         for dotted, value in self.gateway_settings.items():
             _set_dotted(config, dotted, value)
         self.config = config
@@ -274,6 +270,17 @@ class Harness(contextlib.ExitStack):
 
     def gateway_log_tail(self) -> str:
         return tail(self.run_dir / "gateway.log", 40)
+
+
+def bench_config(*, upstream: str, **settings: Any) -> dict[str, Any]:
+    """The benchmarked gateway's config: ``gateway_config`` (``settings``: port, provider,
+    store...) with one route on which every path needs a session, as in the peer's Apache
+    (``<Location />`` valid-user), and no access log on either side (logins still log)."""
+    config = gateway_config(
+        upstream=upstream,
+        routes=[{"name": "app", "match": {"path": "/"}, "upstream": upstream}], **settings)
+    config["logging"] = {"level": "info", "format": "json", "access_log": False}
+    return config
 
 
 @dataclass(frozen=True)
