@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeGuard
 
 import aiohttp
 from aiohttp import web
@@ -545,7 +545,7 @@ class ConnectionGuard:
         self.open -= 1
 
 
-def _is_whole(response: web.StreamResponse) -> bool:
+def _is_whole(response: web.StreamResponse) -> TypeGuard[web.Response]:
     """A plain ``web.Response`` whose body is bytes in memory, neither compressed nor
     chunked: what :meth:`GatewayRequestHandler._write_whole` can write itself."""
     return (type(response) is web.Response and isinstance(response.body, bytes | None)
@@ -661,7 +661,7 @@ class GatewayRequestHandler(web.RequestHandler):
         try:
             response = await handler(request)
             if not response.prepared and _is_whole(response):
-                self._write_whole(request, response)  # type: ignore[arg-type]
+                self._write_whole(request, response)
             else:
                 await response.prepare(request)
                 await response.write_eof()
