@@ -239,12 +239,12 @@ class Live:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         generation = self.current
         generation.in_flight += 1
-        self.metrics.in_flight.inc()
+        self.metrics.answering += 1
         try:
             return await generation.gateway.handle(request)
         finally:
             generation.in_flight -= 1
-            self.metrics.in_flight.dec()
+            self.metrics.answering -= 1
             if generation.retired and not generation.in_flight:
                 generation.idle.set()
 
@@ -259,11 +259,14 @@ class Live:
         return self.current.in_flight
 
     async def keep_gauges(self) -> None:
-        """Keep ``oidc_gateway_provider_ready`` current without a scrape: with several workers
-        a scrape reaches one of them, and the others' value must not be a stale 0."""
+        """Keep ``oidc_gateway_provider_ready`` and the request metrics current without a
+        scrape: with several workers a scrape reaches one of them, and the others' values
+        must not be a stale 0 (their request counts are at most a second late:
+        :meth:`Metrics.observe_request`)."""
         while True:
             ready, loader = self.parts.idp.ready, self.parts.loader
             self.metrics.provider_ready.set(1 if ready else 0)
+            self.metrics.flush()
             if ready or loader.done():
                 await asyncio.sleep(1.0)
             else:  # set it the moment the provider has loaded
@@ -888,6 +891,7 @@ async def serve(
             await metrics_runner.cleanup()
         if admin_runner is not None:
             await admin_runner.cleanup()
+        live.metrics.flush()  # the last requests' counts, for the other workers' scrapes
         for sig in signals:
             loop.remove_signal_handler(sig)
         log.info("stopped")

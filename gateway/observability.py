@@ -22,6 +22,7 @@ import re
 import secrets
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -365,6 +366,56 @@ class Outcome:
 # ---------------------------------------------------------------------------------------------
 
 
+class _PendingCount:
+    """Requests of one label set counted since the last flush."""
+
+    __slots__ = ("child", "count")
+
+    def __init__(self, child: Counter) -> None:
+        self.child = child
+        self.count = 0
+
+    def flush(self) -> None:
+        if self.count:
+            count, self.count = self.count, 0
+            self.child.inc(count)
+
+
+class _PendingHistogram:
+    """Observations of one histogram child since the last flush, by bucket.
+
+    prometheus-client has no public way to add many observations at once, so the flush adds
+    to the child's bucket and sum values as its own ``observe()`` does (one value per bucket,
+    not cumulative; the exposition adds them up). ``tests/integration/test_observability.py``
+    checks the result against the text format.
+    """
+
+    __slots__ = ("bounds", "child", "counts", "total")
+
+    def __init__(self, child: Histogram) -> None:
+        self.child = child
+        self.bounds: list[float] = list(child._upper_bounds)
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def add(self, seconds: float) -> None:
+        # The first bucket whose upper bound is >= seconds (the last one is +Inf).
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+    def flush(self) -> None:
+        counts = self.counts
+        if not any(counts):
+            return
+        buckets = self.child._buckets
+        for index, count in enumerate(counts):
+            if count:
+                buckets[index].inc(count)
+                counts[index] = 0
+        total, self.total = self.total, 0.0
+        self.child._sum.inc(total)
+
+
 class Metrics:
     """The gateway's Prometheus metrics, in a registry of its own (one per process).
 
@@ -468,29 +519,55 @@ class Metrics:
             self.config_reloads.labels(result)
         self.store_timers = {op: self.store_duration.labels(op) for op in _STORE_OPERATIONS}
         self.store_failures = {op: self.store_errors.labels(op) for op in _STORE_OPERATIONS}
-        self._request_children: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
-        self._upstream_children: dict[str, Histogram] = {}
+        # Per-request observations wait here until flush() (see observe_request).
+        self._counts: dict[tuple[str, int, str], _PendingCount] = {}
+        self._durations: dict[str, _PendingHistogram] = {}
+        self._upstream: dict[str, _PendingHistogram] = {}
+        # Requests being answered now: a plain count, set on the gauge by flush().
+        self.answering = 0
 
     def observe_request(self, route: str, status: int, decision: str, seconds: float) -> None:
         """Count one answered request. ``route`` is a configured route's name or an own
-        endpoint's path, so the label values stay as few as the config makes them."""
+        endpoint's path, so the label values stay as few as the config makes them.
+
+        Kept in plain numbers until :meth:`flush`, which the scrape itself calls and the
+        server every second (issue 7): prometheus-client's own updates take a lock each, and
+        with ``server.workers`` > 1 a ``getpid()`` and a write to a shared memory map each,
+        four to five of them for every request. A scrape thus counts every request its own
+        process has answered, and another worker's up to a second late.
+        """
         key = (route, status // 100, decision)
-        children = self._request_children.get(key)
-        if children is None:
-            children = self._request_children[key] = (
-                self.requests.labels(route, f"{key[1]}xx", decision),
-                self.request_duration.labels(route),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
+        count = self._counts.get(key)
+        if count is None:
+            count = self._counts[key] = _PendingCount(
+                self.requests.labels(route, f"{key[1]}xx", decision))
+        count.count += 1
+        histogram = self._durations.get(route)
+        if histogram is None:
+            histogram = self._durations[route] = _PendingHistogram(
+                self.request_duration.labels(route))
+        histogram.add(seconds)
 
     def observe_upstream(self, route: str, seconds: float) -> None:
-        child = self._upstream_children.get(route)
-        if child is None:
-            child = self._upstream_children[route] = self.upstream_duration.labels(route)
-        child.observe(seconds)
+        histogram = self._upstream.get(route)
+        if histogram is None:
+            histogram = self._upstream[route] = _PendingHistogram(
+                self.upstream_duration.labels(route))
+        histogram.add(seconds)
+
+    def flush(self) -> None:
+        """Hand what :meth:`observe_request` and :meth:`observe_upstream` kept to the metrics,
+        and set the in-flight gauge from :attr:`answering`."""
+        for count in self._counts.values():
+            count.flush()
+        for histogram in self._durations.values():
+            histogram.flush()
+        for histogram in self._upstream.values():
+            histogram.flush()
+        self.in_flight.set(self.answering)
 
     def render(self) -> bytes:
+        self.flush()
         if self.multiprocess_dir:
             merged = CollectorRegistry()
             MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]

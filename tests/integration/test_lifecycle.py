@@ -369,7 +369,18 @@ async def test_two_workers_serve_one_port_count_together_and_stop_together(
         sum(1 for line in json_logs(gw) if line["logger"] == "gateway.access"
             and line["route"] == "/ping") >= 40), 5.0)
     assert ping_pids() == worker_pids
-    # Whichever worker answers /metrics counts the requests of both.
+    # Whichever worker answers /metrics counts the requests of both: its own at once, the
+    # other's within a second (each worker hands its counts over every second).
+    async def scrape() -> str:
+        async with aiohttp.ClientSession() as http, http.get(
+            f"{gw.url}/metrics", headers={"Connection": "close"}
+        ) as r:
+            return await r.text()
+
+    async def counted_both() -> bool:
+        return metric(await scrape(), "oidc_gateway_requests_total", route="/ping") == 40
+
+    await until("a scrape counts both workers' pings", counted_both, 3.0)
     async with aiohttp.ClientSession() as http:
         for _ in range(4):
             async with http.get(f"{gw.url}/metrics", headers={"Connection": "close"}) as r:
