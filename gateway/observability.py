@@ -525,6 +525,8 @@ class Metrics:
         self._upstream: dict[str, _PendingHistogram] = {}
         # Requests being answered now: a plain count, set on the gauge by flush().
         self.answering = 0
+        # Session cache hits (one per signed-in request): counted like the requests.
+        self.cache_hits = _PendingCount(self.session_cache.labels("hit"))
 
     def observe_request(self, route: str, status: int, decision: str, seconds: float) -> None:
         """Count one answered request. ``route`` is a configured route's name or an own
@@ -556,14 +558,16 @@ class Metrics:
         histogram.add(seconds)
 
     def flush(self) -> None:
-        """Hand what :meth:`observe_request` and :meth:`observe_upstream` kept to the metrics,
-        and set the in-flight gauge from :attr:`answering`."""
+        """Hand what :meth:`observe_request`, :meth:`observe_upstream` and
+        :attr:`cache_hits` kept to the metrics, and set the in-flight gauge from
+        :attr:`answering`."""
         for count in self._counts.values():
             count.flush()
         for histogram in self._durations.values():
             histogram.flush()
         for histogram in self._upstream.values():
             histogram.flush()
+        self.cache_hits.flush()
         self.in_flight.set(self.answering)
 
     def render(self) -> bytes:

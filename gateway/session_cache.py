@@ -146,7 +146,7 @@ class SessionCache:
         self._sequence = 0
         self._sends: set[asyncio.Task[None]] = set()
         self.channel = bus.channel("invalidate") if bus is not None else ""
-        self._hits = metrics.session_cache.labels("hit") if metrics else None
+        self._hits = metrics.cache_hits if metrics else None
         self._misses = metrics.session_cache.labels("miss") if metrics else None
         self._live = metrics.session_cache_live if metrics else None
         if self._live is not None:
@@ -179,7 +179,7 @@ class SessionCache:
             del self._entries[key]
             entry = None
         if entry is not None and self._hits is not None:
-            self._hits.inc()
+            self._hits.count += 1  # reaches the counter at the next Metrics.flush()
         return entry
 
     def holds(self, key: str) -> bool:
