@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -112,6 +113,28 @@ def _extras(record: logging.LogRecord) -> Iterable[tuple[str, Any]]:
 _JSON: Final = json.JSONEncoder(default=str, separators=(",", ":"))
 
 
+def _json_line(out: dict[str, Any]) -> str:
+    """One log line's JSON. orjson writes it in a tenth of the standard encoder's time (a
+    line per request, issue 7) and escapes what must be escaped (quotes, backslash, every
+    control character, so a value can never end the line); non-ASCII text stays UTF-8, but
+    for the three characters that some readers take for a line break (NEL, U+2028, U+2029),
+    which are escaped as the standard encoder does. What orjson refuses (an integer beyond
+    64 bits, a dict with other keys than strings) takes the standard encoder; what neither
+    knows is written as ``str(value)``."""
+    try:
+        raw = orjson.dumps(out, default=str)
+    except (orjson.JSONEncodeError, TypeError):
+        return _JSON.encode(out)
+    line = raw.decode()
+    if not raw.isascii() and _LINE_BREAKS.search(line):
+        line = _LINE_BREAKS.sub(lambda match: f"\\u{ord(match.group()):04x}", line)
+    return line
+
+
+# Line breaks to str.splitlines() and to some log readers, which JSON may carry unescaped.
+_LINE_BREAKS: Final = re.compile("[\x85\u2028\u2029]")
+
+
 def _error_text(formatter: logging.Formatter, record: logging.LogRecord) -> dict[str, str]:
     """Exception type and message; the traceback only at debug level (never to users)."""
     if not record.exc_info or record.exc_info[0] is None:
@@ -153,13 +176,13 @@ class JsonFormatter(logging.Formatter):
         out.update(_extras(record))
         if record.exc_info:
             out.update(_error_text(self, record))
-        return _JSON.encode(out)
+        return _json_line(out)
 
     def format_fields(self, logger: str, message: str, fields: dict[str, Any]) -> str:
         """The line :meth:`format` makes of ``logger.info(message, extra=fields)``."""
         out = self._head(time.time(), "info", logger, message, os.getpid())
         out.update(fields)
-        return _JSON.encode(out)
+        return _json_line(out)
 
 
 # A text value is written bare when it cannot be misread: no spaces, quotes, "=" or controls.

@@ -93,3 +93,29 @@ def test_any_other_logging_set_up_takes_the_standard_path(stream: io.StringIO) -
         logger.removeFilter(keep)
     assert len(seen) == 1
     assert lines(stream)[0]["user"] == "alice"
+
+
+class Opaque:
+    def __str__(self) -> str:
+        return "opaque-value"
+
+
+def test_every_value_makes_one_line_of_json(stream: io.StringIO) -> None:
+    """Whatever a field holds, the line is one valid JSON line: controls escaped (no forged
+    next line), non-ASCII text kept, integers beyond 64 bits and unknown objects written
+    (the first by the standard encoder, the second as text)."""
+    logger = logging.getLogger("gateway.audit")
+    odd = {"user": "Jörg\r\n{\"level\":\"error\"}\x1b[31m\u2028", "big": 2**70,
+           "thing": Opaque(), "keys": {1: "one"}, "nan": float("nan")}
+    for name, value in odd.items():
+        log_info(logger, "odd", {name: value})
+    written = stream.getvalue().splitlines()
+    assert len(written) == len(odd)
+    parsed = [json.loads(line) for line in written]
+    assert parsed[0]["user"] == odd["user"]
+    assert "\r" not in written[0]
+    assert "\x1b" not in written[0]
+    assert parsed[1]["big"] == 2**70
+    assert parsed[2]["thing"] == "opaque-value"
+    assert parsed[3]["keys"] == {"1": "one"}
+    assert parsed[4]["nan"] is None  # not the bare NaN that is no JSON
