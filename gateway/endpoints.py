@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import quote, urlsplit
 
+import orjson
 from aiohttp import web
 
 from gateway.assertion import AssertionRequest, plan_with_assertion
@@ -241,6 +242,17 @@ def _split_target(raw_target: str, host_header: str) -> tuple[str, str]:
     path, _, query = raw_target.partition("?")
     path = path.partition("#")[0]
     return path, query
+
+
+def _json_answer(
+    data: object, *, status: int = 200, headers: Mapping[str, str] | None = None,
+    content_type: str = "application/json",
+) -> web.Response:
+    """``web.json_response``, encoded with orjson: every 401 of an API client is one of these
+    (issue 7: aiohttp's helper with the standard encoder cost 3.5 µs of a 40 µs answer)."""
+    answer = web.Response(body=orjson.dumps(data), status=status, headers=headers)
+    answer.headers["Content-Type"] = f"{content_type}; charset=utf-8"
+    return answer
 
 
 def _wants_html(request: web.BaseRequest) -> bool:
@@ -1002,7 +1014,7 @@ class Gateway:
                 headers={"WWW-Authenticate": 'Bearer realm="oidc-gateway"'},
             )
         login_url = f"{self._callback_origin(facts)}{self.prefix}/start?rd={quote(target, safe='')}"
-        return web.json_response(
+        return _json_answer(
             {"error": "unauthenticated", "login_url": login_url},
             status=401,
             headers={"Cache-Control": _NO_STORE, "WWW-Authenticate": 'Bearer realm="oidc-gateway"'},
@@ -1330,10 +1342,10 @@ class Gateway:
     async def userinfo(self, request: web.BaseRequest, facts: RequestFacts) -> web.StreamResponse:
         found = await self.authenticate(request)
         if found is None:
-            return web.json_response({"error": "unauthenticated"}, status=401,
+            return _json_answer({"error": "unauthenticated"}, status=401,
                                      headers={"Cache-Control": _NO_STORE})
         identity = found[1].identity
-        return web.json_response(
+        return _json_answer(
             {
                 "user": identity.user,
                 "email": identity.email,
@@ -1487,7 +1499,7 @@ class Gateway:
                     401, "Sign-in needed", "This page needs you to sign in.",
                     link=Link(login_url, "Sign in"), request_id=facts.request_id,
                     kind="sign_in", headers=headers)
-            return web.json_response(
+            return _json_answer(
                 {"error": "unauthenticated", "login_url": login_url},
                 status=401, headers={"Cache-Control": _NO_STORE, **headers},
             )
@@ -1563,7 +1575,7 @@ class Gateway:
         if self.assertion_keys is None:
             raise NotFound("no route of this gateway signs identity assertions")
         document = jwk_set(await self.assertion_keys.published())
-        return web.json_response(
+        return _json_answer(
             document, content_type="application/jwk-set+json",
             headers={"Cache-Control": "public, max-age=60"},
         )
@@ -1576,7 +1588,7 @@ class Gateway:
     async def ready(self, request: web.BaseRequest, facts: RequestFacts) -> web.StreamResponse:
         provider_ok = self.idp.ready
         if self.draining:  # shutting down: no store round trip, just "send elsewhere"
-            return web.json_response(
+            return _json_answer(
                 {"ready": False, "provider": provider_ok, "store": None, "draining": True},
                 status=503, headers={"Retry-After": "1"},
             )
@@ -1586,7 +1598,7 @@ class Gateway:
         except SessionStoreError:
             store_ok = False
         ok = provider_ok and store_ok
-        return web.json_response(
+        return _json_answer(
             {"ready": ok, "provider": provider_ok, "store": store_ok, "draining": False},
             status=200 if ok else 503,
         )
@@ -1624,7 +1636,7 @@ class Gateway:
         extra = ({"WWW-Authenticate": exc.challenge} if isinstance(exc, BearerTokenError)
                  else {})
         if not _wants_html(request):
-            return web.json_response(
+            return _json_answer(
                 {"error": exc.reason, "message": exc.message, "request_id": request_id},
                 status=status, headers={"Cache-Control": _NO_STORE, **extra},
             )
