@@ -57,6 +57,7 @@ from gateway.headers import (
     identity_value_problem,
     original_request,
     peer_trusted,
+    set_cookie,
     upstream_response_headers,
 )
 from gateway.idp import IdentityProvider
@@ -798,16 +799,10 @@ class Gateway:
     def _set_cookie(
         self, response: web.StreamResponse, name: str, value: str, *, max_age: int, path: str
     ) -> None:
-        response.set_cookie(
-            name,
-            value,
-            max_age=max_age,
-            path=path,
-            domain=self.cookie.domain,
-            secure=self.cookie.secure,
-            httponly=True,
-            samesite=self.cookie.samesite.capitalize(),
-        )
+        response.headers.add("Set-Cookie", set_cookie(
+            name, value, max_age=max_age, path=path, domain=self.cookie.domain,
+            secure=self.cookie.secure, samesite=self.cookie.samesite.capitalize(),
+        ))
 
     # ------------------------------------------------------------------ proxy
 
