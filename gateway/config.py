@@ -1139,7 +1139,8 @@ class MatchConfig(_Model):
 
 # Names a `headers.send` entry may not use: what HTTP or the proxy owns (framing, Host, cookies,
 # the forwarding facts the gateway computes, method overrides it strips), the client's own
-# Authorization, the access token header of pass_access_token and X-Gateway-Assertion.
+# Authorization, the access token header of pass_access_token, X-Gateway-Assertion and
+# X-Request-Id (the request's id, always the gateway's own).
 # Canonical spelling (lower case, "-"), as gateway.headers.canonical compares.
 _RESERVED_HEADERS = frozenset({
     "host", "cookie", "authorization", "connection", "keep-alive", "proxy-authenticate",
@@ -1148,6 +1149,7 @@ _RESERVED_HEADERS = frozenset({
     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
     "x-forwarded-uri", "x-original-uri", "x-real-ip", "x-http-method-override",
     "x-http-method", "x-method-override", "x-forwarded-access-token", "x-gateway-assertion",
+    "x-request-id",
 })
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # Joins list values. Never a character of an encoded value (base64url, RFC 2047's

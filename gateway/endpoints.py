@@ -925,10 +925,9 @@ class Gateway:
             forwarded=facts.forwarded,
             host_header=host_header,
             added=await self._identity_headers(facts, route, identity, access_token),
+            # The app logs the same id as the gateway: whatever the client sent is replaced.
+            request_id=facts.request_id,
         )
-        # The app logs the same id as the gateway: whatever the client sent is replaced.
-        headers = [h for h in headers if canonical(h[0]) != "x-request-id"]
-        headers.append((REQUEST_ID_HEADER, facts.request_id))
         url = upstream_url(route.upstream, encode_path(facts.path), facts.raw_query)
         user = identity.user if identity else None
         if is_websocket(request):
@@ -938,9 +937,8 @@ class Gateway:
         answer = await self.proxy.send(request, url, headers, read_timeout=route.timeout)
         try:
             self.metrics.observe_upstream(route.name, time.perf_counter() - sent)
-            out_headers = [h for h in upstream_response_headers(list(answer.headers.items()))
-                           if canonical(h[0]) != "x-request-id"]
-            out_headers.append((REQUEST_ID_HEADER, facts.request_id))
+            out_headers = upstream_response_headers(list(answer.headers.items()),
+                                                    facts.request_id)
         except BaseException:
             answer.release()  # the upstream connection is closed, not left half-read
             raise

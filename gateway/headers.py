@@ -50,6 +50,7 @@ __all__ = [
     "HOP_BY_HOP",
     "IDENTITY_HEADERS",
     "MAX_IDENTITY_VALUE",
+    "REQUEST_ID_HEADER",
     "Forwarded",
     "HeaderPolicy",
     "HeaderSpec",
@@ -115,6 +116,9 @@ _FORWARDING: Final = frozenset(
         "forwarded",
     }
 )
+
+# The request's id, sent to the upstream and back to the client: always the gateway's own.
+REQUEST_ID_HEADER: Final = "X-Request-Id"
 
 # Security note 17: Rails, Laravel, Express's method-override, Symfony and others honour these.
 _METHOD_OVERRIDES: Final = frozenset(
@@ -397,7 +401,7 @@ class HeaderPolicy:
     headers`), stripped like the built-in ones; so is ``X-Gateway-Assertion``, always.
     """
 
-    __slots__ = ("_cookie_names", "_cookie_prefixes", "_drop", "_drop_prefixes")
+    __slots__ = ("_cookie_names", "_cookie_prefixes", "_drop", "_drop_id", "_drop_prefixes")
 
     def __init__(
         self,
@@ -420,6 +424,7 @@ class HeaderPolicy:
             elif name:
                 drop.add(name)
         self._drop: frozenset[str] = frozenset(drop)
+        self._drop_id: frozenset[str] = self._drop | {"x-request-id"}
         self._drop_prefixes: tuple[str, ...] = tuple(prefixes)
         names = tuple(dict.fromkeys((own_cookie_name, *extra_cookie_names)))
         self._cookie_names: tuple[str, ...] = names
@@ -434,8 +439,12 @@ class HeaderPolicy:
         forwarded: Forwarded,
         host_header: str,
         added: Sequence[tuple[str, str]] | None = None,
+        request_id: str | None = None,
     ) -> list[tuple[str, str]]:
         """The headers to send upstream: the client's, cleaned, then the gateway's own.
+
+        ``request_id``: sent last as ``X-Request-Id``, in place of any the client sent, so
+        the app logs the gateway's id.
 
         ``added``: the identity headers to send instead of the built-in ones, as planned by
         :func:`plan_identity_headers` for the route (and the assertion); ``identity`` and
@@ -457,7 +466,7 @@ class HeaderPolicy:
         preferred username or access token that cannot is left out; so is a group that
         cannot, or whose name contains "," (it would read as two groups).
         """
-        drop = self._drop
+        drop = self._drop if request_id is None else self._drop_id
         keys = [canonical(name) for name, _ in headers]
         # RFC 9110 7.6.1: a Connection header lists more hop-by-hop headers. Collected first,
         # and applied to the client's headers only (security note 7).
@@ -485,6 +494,8 @@ class HeaderPolicy:
         out.append(("X-Forwarded-Proto", _clean(forwarded.proto)))
         out.append(("X-Forwarded-Host", _clean(forwarded.host)))
         out += identity_headers(identity, access_token) if added is None else added
+        if request_id is not None:
+            out.append((REQUEST_ID_HEADER, request_id))
         return out
 
     def _strip_own_cookies(self, value: str) -> str:
@@ -1022,13 +1033,16 @@ def set_cookie(
     return out + "; Secure" if secure else out
 
 
-def upstream_response_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+def upstream_response_headers(
+    headers: Sequence[tuple[str, str]], request_id: str | None = None
+) -> list[tuple[str, str]]:
     """The upstream's response headers to relay: without hop-by-hop headers and the headers
     its ``Connection`` names (RFC 9110 7.6.1). ``Transfer-Encoding`` goes (the server frames
     the relayed body itself); ``Content-Length`` and ``Content-Encoding`` stay, since the body
-    bytes pass unchanged; repeated headers such as ``Set-Cookie`` stay repeated."""
+    bytes pass unchanged; repeated headers such as ``Set-Cookie`` stay repeated.
+    ``request_id``: sent last as ``X-Request-Id``, in place of any the upstream sent."""
     keys = [canonical(name) for name, _ in headers]
-    drop: frozenset[str] | set[str] = HOP_BY_HOP
+    drop: frozenset[str] | set[str] = HOP_BY_HOP if request_id is None else _HOP_BY_HOP_AND_ID
     if "connection" in keys:
         named = {
             canonical(token.strip())
@@ -1036,8 +1050,14 @@ def upstream_response_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[
             if key == "connection"
             for token in value.split(",")
         }
-        drop = HOP_BY_HOP | named
-    return [header for key, header in zip(keys, headers, strict=True) if key not in drop]
+        drop = drop | named
+    out = [header for key, header in zip(keys, headers, strict=True) if key not in drop]
+    if request_id is not None:
+        out.append((REQUEST_ID_HEADER, request_id))
+    return out
+
+
+_HOP_BY_HOP_AND_ID: Final = HOP_BY_HOP | {"x-request-id"}
 
 
 # ---------------------------------------------------------------------------------------------

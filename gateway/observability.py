@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway import __version__
+from gateway.headers import REQUEST_ID_HEADER
 from gateway.policy import Access
 
 __all__ = [
@@ -55,7 +56,6 @@ _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | 
     "message", "asctime", "taskName",
 }
 
-REQUEST_ID_HEADER: Final = "X-Request-Id"
 # A client's (or ingress's) request id is reused only when it looks like an id: UUIDs, hex,
 # base64 and dotted or colon-separated trace ids pass; spaces, quotes, angle brackets and
 # control characters do not, so the id can go into a header, a log line and an HTML page

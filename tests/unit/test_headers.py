@@ -45,6 +45,7 @@ def upstream(
     identity: Identity | None = ALICE,
     access_token: str | None = None,
     policy: HeaderPolicy = POLICY,
+    request_id: str | None = None,
 ) -> Headers:
     return policy.upstream_request_headers(
         headers,
@@ -52,6 +53,7 @@ def upstream(
         access_token=access_token,
         forwarded=FWD,
         host_header="app.example.com",
+        request_id=request_id,
     )
 
 
@@ -622,6 +624,21 @@ def test_upstream_response_headers() -> None:
 def test_upstream_response_headers_without_connection() -> None:
     answer = [("Content-Length", "0"), ("Vary", "Accept"), ("Vary", "Cookie")]
     assert upstream_response_headers(answer) == answer
+
+
+def test_the_request_id_sent_either_way_is_the_gateways_own() -> None:
+    """The client's and the upstream's X-Request-Id, in any spelling, are replaced by the
+    gateway's, which goes last (after the identity headers on the way in)."""
+    sent = upstream([("X-Request-Id", "forged"), ("x_request_id", "forged2"), ("Accept", "*/*")],
+                    request_id="abc123")
+    assert named(sent, "X-Request-Id") == ["abc123"]
+    assert sent[-1] == ("X-Request-Id", "abc123")
+    assert ("Accept", "*/*") in sent
+    answer = [("X-Request-Id", "app-id"), ("Connection", "close"), ("Content-Length", "2")]
+    assert upstream_response_headers(answer, "abc123") == [
+        ("Content-Length", "2"), ("X-Request-Id", "abc123")]
+    assert upstream_response_headers(answer) == [
+        ("X-Request-Id", "app-id"), ("Content-Length", "2")]
 
 
 # ---------------------------------------------------------------------------------------------

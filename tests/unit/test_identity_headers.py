@@ -449,6 +449,7 @@ def problems(**changes: Any) -> list[str]:
         ({"send": {"Host": "sub"}}, "headers.send: 'Host' cannot carry an identity"),
         ({"send": {"x_gateway_assertion": "sub"}}, "headers.send: 'x_gateway_assertion' cannot"),
         ({"send": {"Authorization": "sub"}}, "headers.send: 'Authorization' cannot"),
+        ({"send": {"X-Request-Id": "sub"}}, "headers.send: 'X-Request-Id' cannot"),
         ({"send": {"X-A": "sub", "x_a": "email"}}, "headers.send: 'X-A' and 'x_a' are one header"),
         ({"send": {"X-A": "https://x/roles"}}, "headers.send: X-A: 'https://x/roles' is not a "
                                                "claim path"),
