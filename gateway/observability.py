@@ -111,6 +111,8 @@ def _extras(record: logging.LogRecord) -> Iterable[tuple[str, Any]]:
 
 # One encoder for every line (json.dumps with options builds a new one per call).
 _JSON: Final = json.JSONEncoder(default=str, separators=(",", ":"))
+# Line breaks to str.splitlines() and to some log readers, which JSON may carry unescaped.
+_LINE_BREAKS: Final = re.compile("[\x85\u2028\u2029]")
 
 
 def _json_line(out: dict[str, Any]) -> str:
@@ -129,10 +131,6 @@ def _json_line(out: dict[str, Any]) -> str:
     if not raw.isascii() and _LINE_BREAKS.search(line):
         line = _LINE_BREAKS.sub(lambda match: f"\\u{ord(match.group()):04x}", line)
     return line
-
-
-# Line breaks to str.splitlines() and to some log readers, which JSON may carry unescaped.
-_LINE_BREAKS: Final = re.compile("[\x85\u2028\u2029]")
 
 
 def _error_text(formatter: logging.Formatter, record: logging.LogRecord) -> dict[str, str]:
@@ -409,8 +407,8 @@ class _PendingHistogram:
 
     prometheus-client has no public way to add many observations at once, so the flush adds
     to the child's bucket and sum values as its own ``observe()`` does (one value per bucket,
-    not cumulative; the exposition adds them up). ``tests/integration/test_observability.py``
-    checks the result against the text format.
+    not cumulative; the exposition adds them up). ``tests/unit/test_metrics_tally.py``
+    checks the result against prometheus-client's own per-observation updates.
     """
 
     __slots__ = ("bounds", "child", "counts", "total")
