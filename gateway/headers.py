@@ -119,6 +119,7 @@ _FORWARDING: Final = frozenset(
 
 # The request's id, sent to the upstream and back to the client: always the gateway's own.
 REQUEST_ID_HEADER: Final = "X-Request-Id"
+_REQUEST_ID_KEY: Final = "x-request-id"  # canonical(REQUEST_ID_HEADER)
 
 # Security note 17: Rails, Laravel, Express's method-override, Symfony and others honour these.
 _METHOD_OVERRIDES: Final = frozenset(
@@ -424,7 +425,7 @@ class HeaderPolicy:
             elif name:
                 drop.add(name)
         self._drop: frozenset[str] = frozenset(drop)
-        self._drop_id: frozenset[str] = self._drop | {"x-request-id"}
+        self._drop_id: frozenset[str] = self._drop | {_REQUEST_ID_KEY}
         self._drop_prefixes: tuple[str, ...] = tuple(prefixes)
         names = tuple(dict.fromkeys((own_cookie_name, *extra_cookie_names)))
         self._cookie_names: tuple[str, ...] = names
@@ -1033,6 +1034,9 @@ def set_cookie(
     return out + "; Secure" if secure else out
 
 
+_HOP_BY_HOP_AND_ID: Final = HOP_BY_HOP | {_REQUEST_ID_KEY}
+
+
 def upstream_response_headers(
     headers: Sequence[tuple[str, str]], request_id: str | None = None
 ) -> list[tuple[str, str]]:
@@ -1056,8 +1060,6 @@ def upstream_response_headers(
         out.append((REQUEST_ID_HEADER, request_id))
     return out
 
-
-_HOP_BY_HOP_AND_ID: Final = HOP_BY_HOP | {"x-request-id"}
 
 
 # ---------------------------------------------------------------------------------------------
