@@ -13,7 +13,9 @@ Cases: ``api401`` (no provider needed), ``redirect`` and ``get`` (signed in: log
 provider first). Both need ``--provider`` (e.g. the peer's ``http://127.0.0.1:7400``) whose
 client allows ``http://127.0.0.1:PORT/oauth2/callback``; the gateway listens on ``--port``
 (4180, what the peer registers), one variant at a time, restarted for every slice. Sessions
-live in the memory store; the upstream is ``--upstream`` (the peer's nginx by default).
+live in the memory store, or with ``--store redis`` in a redis-server of the run's own (as in
+``python -m bench``: the session cache and its confirmation ping then take part); the upstream
+is ``--upstream`` (the peer's nginx by default).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +39,17 @@ from bench.harness import (
 )
 from bench.loadgen import API_ACCEPT, BROWSER_ACCEPT, Request, probe, run_wrk
 from bench.login import session_cookie
-from tests.support.peers import ChildProcess
+from tests.support.peers import ChildProcess, RedisServer
 
 CASES = {"api401": (API_ACCEPT, 401), "redirect": (BROWSER_ACCEPT, 302), "get": ("*/*", 200)}
 
 
-def _config(port: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The bench's gateway config, with sessions in the memory store."""
+def _config(port: int, args: argparse.Namespace, redis_url: str | None) -> dict[str, Any]:
+    """The bench's gateway config, with sessions in the memory store or at ``redis_url``."""
+    store: dict[str, Any] = (
+        {"store": "redis", "redis_url": redis_url} if redis_url is not None else {})
     return bench_config(port=port, issuer=args.provider, client_id=args.client_id,
-                        client_secret=args.client_secret, upstream=args.upstream)
+                        client_secret=args.client_secret, upstream=args.upstream, **store)
 
 
 def _slice(src: Path, config: Path, log: Path, args: argparse.Namespace) -> tuple[float, int]:
@@ -90,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-id", default="gateway-bench")
     parser.add_argument("--client-secret", default="gateway-bench-secret-0123456789abcdef")
     parser.add_argument("--upstream", default="http://127.0.0.1:7401")
+    parser.add_argument("--store", choices=("memory", "redis"), default="memory",
+                        help="where sessions live [memory]; redis: a redis-server of its own")
     args = parser.parse_args(argv)
     if not 1 <= args.rounds <= 50 or not 1 <= args.seconds <= 60:
         parser.error("--rounds must be 1..50 and --seconds 1..60")
@@ -98,9 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         if not (src / "gateway" / "__init__.py").is_file():
             parser.error(f"{src} holds no gateway/ package")
     totals = {name: [0.0, 0] for name in sources}
-    with tempfile.TemporaryDirectory(prefix="oidcgw-ab-") as folder:
+    with tempfile.TemporaryDirectory(prefix="oidcgw-ab-") as folder, ExitStack() as stack:
+        redis_url = None
+        if args.store == "redis":
+            redis = RedisServer(Path(folder) / "redis", persist=False)
+            stack.callback(redis.stop)
+            redis.start()
+            redis_url = redis.url
+        print(f"ab: sessions in {redis_url or 'the memory store'}", flush=True)
         config = Path(folder) / "gateway.yaml"
-        config.write_text(yaml.safe_dump(_config(args.port, args)))
+        config.write_text(yaml.safe_dump(_config(args.port, args, redis_url)))
         try:
             for index in range(args.rounds):
                 order = ("A", "B") if index % 2 == 0 else ("B", "A")
