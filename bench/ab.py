@@ -15,7 +15,8 @@ client allows ``http://127.0.0.1:PORT/oauth2/callback``; the gateway listens on 
 (4180, what the peer registers), one variant at a time, restarted for every slice. Sessions
 live in the memory store, or with ``--store redis`` in a redis-server of the run's own (as in
 ``python -m bench``: the session cache and its confirmation ping then take part); the upstream
-is ``--upstream`` (the peer's nginx by default).
+is ``--upstream`` (the peer's nginx by default). ``--workers N`` runs ``server.workers: N``
+(with ``--store redis``) and counts the CPU of the supervisor and every worker.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from bench.harness import (
     cpu_seconds,
     gateway_env,
     http_status,
+    listener_pids,
 )
 from bench.loadgen import API_ACCEPT, BROWSER_ACCEPT, Request, probe, run_wrk
 from bench.login import session_cookie
@@ -48,8 +50,11 @@ def _config(port: int, args: argparse.Namespace, redis_url: str | None) -> dict[
     """The bench's gateway config, with sessions in the memory store or at ``redis_url``."""
     store: dict[str, Any] = (
         {"store": "redis", "redis_url": redis_url} if redis_url is not None else {})
-    return bench_config(port=port, issuer=args.provider, client_id=args.client_id,
-                        client_secret=args.client_secret, upstream=args.upstream, **store)
+    config = bench_config(port=port, issuer=args.provider, client_id=args.client_id,
+                          client_secret=args.client_secret, upstream=args.upstream, **store)
+    if args.workers > 1:
+        config["server"]["workers"] = args.workers
+    return config
 
 
 def _slice(src: Path, config: Path, log: Path, args: argparse.Namespace) -> tuple[float, int]:
@@ -61,20 +66,28 @@ def _slice(src: Path, config: Path, log: Path, args: argparse.Namespace) -> tupl
                            log, cwd=src, env=gateway_env(src), group=True)
     gateway.start()
     try:
-        gateway.wait_until(lambda: http_status("127.0.0.1", args.port, "/ready") == 200,
-                           START_DEADLINE, f"it is ready on {url}/ready")
+        # Each new connection goes to one worker (SO_REUSEPORT): with several, ready on ten
+        # connections in a row means every worker is (ten on one of two workers: 1 in 512).
+        tries = 1 if args.workers == 1 else 10
+        gateway.wait_until(
+            lambda: all(http_status("127.0.0.1", args.port, "/ready") == 200
+                        for _ in range(tries)),
+            START_DEADLINE, f"it is ready on {url}/ready")
         cookie = session_cookie(url) if args.case == "get" else None
         request = Request("GET", "/bench", accept, cookie)
         answer = probe(url, request)
         if answer.status != status:
             raise HarnessError(f"{src}: GET /bench answered {answer.status}, expected {status}")
         run_wrk(url, request, duration=1, connections=args.connections, threads=1)
-        pid = gateway.pid
-        assert pid is not None  # noqa: S101 - started above
-        before = cpu_seconds({pid})[pid]
+        # The gateway's process, or with --workers its supervisor and workers.
+        pids = listener_pids(args.port)
+        if gateway.pid is not None:
+            pids.add(gateway.pid)
+        before = cpu_seconds(pids)
         result = run_wrk(url, request, duration=args.seconds, connections=args.connections,
                          threads=1)
-        used = cpu_seconds({pid})[pid] - before
+        after = cpu_seconds(pids)
+        used = sum(after[pid] - before[pid] for pid in after if pid in before)
         if result.err_connect or result.err_read or result.err_write or result.err_timeout:
             raise HarnessError(f"{src}: wrk saw errors: {result.error_text()}")
         return used, result.requests
@@ -97,9 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream", default="http://127.0.0.1:7401")
     parser.add_argument("--store", choices=("memory", "redis"), default="memory",
                         help="where sessions live [memory]; redis: a redis-server of its own")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server.workers [1]; the CPU of the supervisor and every worker "
+                             "counts (use --store redis: memory sessions are per worker)")
     args = parser.parse_args(argv)
     if not 1 <= args.rounds <= 50 or not 1 <= args.seconds <= 60:
         parser.error("--rounds must be 1..50 and --seconds 1..60")
+    if not 1 <= args.workers <= 8:
+        parser.error("--workers must be 1..8")
     sources = {"A": args.old.resolve(), "B": args.new.resolve()}
     for src in sources.values():
         if not (src / "gateway" / "__init__.py").is_file():
@@ -112,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(redis.stop)
             redis.start()
             redis_url = redis.url
-        print(f"ab: sessions in {redis_url or 'the memory store'}", flush=True)
+        print(f"ab: sessions in {redis_url or 'the memory store'}, "
+              f"server.workers {args.workers}", flush=True)
         config = Path(folder) / "gateway.yaml"
         config.write_text(yaml.safe_dump(_config(args.port, args, redis_url)))
         try:

@@ -85,18 +85,22 @@ def test_smoke_run_measures_every_case() -> None:
 
 @pytest.mark.provider
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("store", ["memory", "redis"])
-def test_side_by_side_tool_measures_both_trees(oidc_provider: Any, store: str) -> None:
+@pytest.mark.parametrize(("store", "workers"), [("memory", 1), ("redis", 2)])
+def test_side_by_side_tool_measures_both_trees(
+    oidc_provider: Any, store: str, workers: int
+) -> None:
     """``python -m bench.ab`` (one change, measured side by side) starts each tree's gateway,
     checks its answer and reports both variants' CPU per request. Smoke only: the same tree
     twice, one 1-second slice each, the 302 case (it needs the provider to be loaded), with
-    sessions in memory and in a redis-server of the tool's own (the 302 checks the store)."""
+    sessions in memory and, with two workers, in a redis-server of the tool's own (the 302
+    checks the store)."""
     port = free_port()
     client_id, client_secret = oidc_provider.register_client(
         [f"http://127.0.0.1:{port}/oauth2/callback"])
     done = subprocess.run(
         [sys.executable, "-m", "bench.ab", str(REPO), str(REPO), "--case", "redirect",
          "--rounds", "1", "--seconds", "1", "--port", str(port), "--store", store,
+         "--workers", str(workers),
          "--provider", oidc_provider.issuer, "--client-id", client_id,
          "--client-secret", client_secret, "--upstream", "http://127.0.0.1:9"],
         cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
@@ -105,6 +109,7 @@ def test_side_by_side_tool_measures_both_trees(oidc_provider: Any, store: str) -
     assert done.returncode == 0, f"bench.ab failed:\n{done.stdout}\n{done.stderr[-3000:]}"
     where = "redis://127.0.0.1:" if store == "redis" else "the memory store"
     assert f"ab: sessions in {where}" in done.stdout, done.stdout
+    assert f"server.workers {workers}\n" in done.stdout, done.stdout
     measured = re.findall(r"^ab: ([AB]) .*: ([\d,.]+) µs CPU/req over ([\d,]+) requests$",
                           done.stdout, re.MULTILINE)
     assert [name for name, _, _ in measured] == ["A", "B"], done.stdout
