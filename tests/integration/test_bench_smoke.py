@@ -93,14 +93,15 @@ def test_side_by_side_tool_measures_both_trees(
     checks its answer and reports both variants' CPU per request. Smoke only: the same tree
     twice, one 1-second slice each, the 302 case (it needs the provider to be loaded), with
     sessions in memory and, with two workers, in a redis-server of the tool's own (the 302
-    checks the store)."""
+    checks the store). Four connections: a smoke run on a machine busy with the rest of the
+    suite must not time out."""
     port = free_port()
     client_id, client_secret = oidc_provider.register_client(
         [f"http://127.0.0.1:{port}/oauth2/callback"])
     done = subprocess.run(
         [sys.executable, "-m", "bench.ab", str(REPO), str(REPO), "--case", "redirect",
          "--rounds", "1", "--seconds", "1", "--port", str(port), "--store", store,
-         "--workers", str(workers),
+         "--workers", str(workers), "--connections", "4",
          "--provider", oidc_provider.issuer, "--client-id", client_id,
          "--client-secret", client_secret, "--upstream", "http://127.0.0.1:9"],
         cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
