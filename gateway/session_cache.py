@@ -187,18 +187,20 @@ class SessionCache:
         and needs no confirmation ping (:meth:`confirmed`)."""
         return key in self._entries
 
-    def begin(self, key: str) -> object:
+    def begin(self, key: str, *, read: bool = True) -> object:
         """Mark the start of a store read of ``key``; pass the token to :meth:`fill`.
 
         Reads that overlap with no invalidation between them share one token, and the first
         to finish fills the entry: all of them began after the last change of ``key`` was
         announced. (A token per read let every new read void the ones before it: under steady
         concurrent load of one session no read ever finished last, and every request missed.)
+        ``read=False``: the start of a login's write of a new session, which then fills the
+        entry with what it wrote (no miss counted); an invalidation in between voids it alike.
         """
         token = self._loading.get(key)
         if token is None:
             token = self._loading[key] = object()
-        if self._misses is not None:  # every store read is a miss of the cache
+        if read and self._misses is not None:  # every store read is a miss of the cache
             self._misses.inc()
         return token
 

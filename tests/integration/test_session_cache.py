@@ -114,6 +114,26 @@ async def test_signed_in_requests_are_served_from_memory(world: World, redis_tar
     assert hits >= 28
 
 
+async def test_the_page_a_login_returns_to_needs_no_store_read(
+    world: World, redis_target: Any
+) -> None:
+    """The login keeps the session it wrote in its process's cache: the page the browser
+    comes back to (on the same connection) is served without reading Redis, and signing out
+    there still ends it at once."""
+    gw_a, _ = await world.pair(redis_target.url, redis_target.prefix)
+    async with aiohttp.ClientSession() as http:
+        await wait_metric(http, gw_a, LIVE, 1.0)
+        gets_before = await metric(http, gw_a, STORE_GETS)
+        hits_before = await metric(http, gw_a, HITS)
+        cookie = await signed_in_cookie(gw_a)  # ends with the page, 200
+        assert await metric(http, gw_a, STORE_GETS) == gets_before
+        assert await metric(http, gw_a, HITS) == hits_before + 1
+        async with http.get(f"{gw_a.url}/oauth2/sign_out", headers={"Cookie": cookie},
+                            allow_redirects=False) as r:
+            assert r.status == 302
+        assert await status(http, gw_a, cookie) == 401
+
+
 async def test_sign_out_on_one_gateway_ends_the_session_on_the_other_at_once(
     world: World, redis_target: Any
 ) -> None:
