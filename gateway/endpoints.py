@@ -92,7 +92,7 @@ from gateway.routing import (
     safe_redirect_target,
     without_path_params,
 )
-from gateway.session_cache import SessionCache
+from gateway.session_cache import SESSION_KEY_PREFIX, SessionCache
 from gateway.sessions import (
     SessionInvalid,
     decode_login_blob,
@@ -260,6 +260,11 @@ def _json_answer(
     answer = web.Response(body=body, status=status, headers=headers)
     answer.headers["Content-Type"] = f"{content_type}; charset=utf-8"
     return answer
+
+
+def _session_key(session_id: str) -> str:
+    """The store key of a session (the session cache announces changes of these keys)."""
+    return f"{SESSION_KEY_PREFIX}{session_id}"
 
 
 def _wants_html(request: web.BaseRequest) -> bool:
@@ -582,7 +587,7 @@ class Gateway:
         From this process's session cache when it holds the session (and may be trusted now,
         gateway/session_cache.py), unless ``fresh``: a re-read that must see what another
         process wrote a moment ago (the refresh lock)."""
-        key = f"s:{ticket.session_id}"
+        key = _session_key(ticket.session_id)
         cache = self.session_cache
         entry = None
         if cache is not None and not fresh:
@@ -745,7 +750,7 @@ class Gateway:
 
     async def _end_session(self, session_id: str, session: Session | None) -> None:
         """Delete a session and take it out of its indexes."""
-        await self.store.delete(f"s:{session_id}")
+        await self.store.delete(_session_key(session_id))
         if session is not None:
             meta = {"sub": session.identity.sub, "user": session.identity.user,
                     "sid": session.sid}
@@ -758,7 +763,7 @@ class Gateway:
         out: dict[str, dict[str, object]] = {}
         stale: list[str] = []
         for session_id, raw in (await self.store.index_get(index)).items():
-            if await self.store.get(f"s:{session_id}") is None:
+            if await self.store.get(_session_key(session_id)) is None:
                 stale.append(session_id)
                 continue
             try:
@@ -776,7 +781,7 @@ class Gateway:
         """End every session of ``entries`` (from :meth:`sessions_in`) in the shared store:
         every gateway process refuses them from its next request on."""
         for session_id, meta in entries.items():
-            await self.store.delete(f"s:{session_id}")
+            await self.store.delete(_session_key(session_id))
             for key in self._index_keys(session_id, meta):
                 await self.store.index_remove(key, session_id)
             log.info("session revoked", extra={"session": short_hash(session_id)})
@@ -788,7 +793,7 @@ class Gateway:
         """Seal and store ``session``; the sealed blob. ``new``: a session id never used
         before (a login), stored only if absent; no process can hold it in its cache, so no
         invalidation."""
-        key = f"s:{ticket.session_id}"
+        key = _session_key(ticket.session_id)
         blob = seal(
             pack_session(session),
             key=self.keys[0],
@@ -1226,7 +1231,7 @@ class Gateway:
         # gets a fresh id and secret.
         old = self._ticket_of(request)
         if old is not None:
-            await self.store.delete(f"s:{old.session_id}")
+            await self.store.delete(_session_key(old.session_id))
         ticket = new_ticket(self.token_bytes)
         sid = claims.get("sid")
         session = Session(
@@ -1241,7 +1246,7 @@ class Gateway:
         # The session and its index entries at once: a login waits for one round trip to the
         # store, not five. (An index entry of a session whose write failed is skipped when
         # read, like that of an ended one.)
-        key = f"s:{ticket.session_id}"
+        key = _session_key(ticket.session_id)
         cache = self.session_cache
         token = cache.begin(key, read=False) if cache is not None else None
         blob, _ = await asyncio.gather(
