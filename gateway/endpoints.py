@@ -789,11 +789,15 @@ class Gateway:
 
     async def _save(
         self, ticket: Ticket, session: Session, now: float, *, new: bool = False
-    ) -> bytes:
-        """Seal and store ``session``; the sealed blob. ``new``: a session id never used
-        before (a login), stored only if absent; no process can hold it in its cache, so no
-        invalidation."""
+    ) -> None:
+        """Seal and store ``session``. ``new``: a session id never used before (a login),
+        stored only if absent; no process can hold it in its cache, so no invalidation. This
+        process keeps it there instead: the browser's next request (the page it came for,
+        most often on this same connection) finds it after the confirmation ping, with no
+        store read and no unsealing. A revoke during the write voids that, as for a read."""
         key = _session_key(ticket.session_id)
+        cache = self.session_cache if new else None
+        token = cache.begin(key, read=False) if cache is not None else None
         blob = seal(
             pack_session(session),
             key=self.keys[0],
@@ -807,7 +811,10 @@ class Gateway:
         elif not await self.store.set_new(key, blob, ttl):
             # A fresh random id already taken: never overwrite someone's session.
             raise SessionStoreError("A new session could not be stored; sign in again.")
-        return blob
+        if cache is not None:
+            entry = cache.fill(key, token, blob)
+            if entry is not None:
+                cache.remember(entry, ticket.secret, session)
 
     def _set_cookie(
         self, response: web.StreamResponse, name: str, value: str, *, max_age: int, path: str
@@ -1246,21 +1253,11 @@ class Gateway:
         # The session and its index entries at once: a login waits for one round trip to the
         # store, not five. (An index entry of a session whose write failed is skipped when
         # read, like that of an ended one.)
-        key = _session_key(ticket.session_id)
-        cache = self.session_cache
-        token = cache.begin(key, read=False) if cache is not None else None
-        blob, _ = await asyncio.gather(
+        await asyncio.gather(
             self._save(ticket, session, now, new=True),
             self._index_session(ticket.session_id, session, request,
                                 client_ip=facts.forwarded.client_ip),
         )
-        if cache is not None:
-            # The browser's next request (the page it came for, most often on this same
-            # connection, so this process) finds the session here: after the confirmation
-            # ping, no store read and no unsealing. A revoke during the write voids this.
-            entry = cache.fill(key, token, blob)
-            if entry is not None:
-                cache.remember(entry, ticket.secret, session)
         log.info("login", extra={"request_id": facts.request_id, "user": identity.user,
                                  "session": short_hash(ticket.session_id)})
         response = web.Response(status=302, headers={
