@@ -567,16 +567,22 @@ class Metrics:
         count.count += 1
         histogram = self._durations.get(route)
         if histogram is None:
-            histogram = self._durations[route] = _PendingHistogram(
-                self.request_duration.labels(route))
+            histogram = self._pending(self._durations, self.request_duration, route)
         histogram.add(seconds)
 
     def observe_upstream(self, route: str, seconds: float) -> None:
         histogram = self._upstream.get(route)
         if histogram is None:
-            histogram = self._upstream[route] = _PendingHistogram(
-                self.upstream_duration.labels(route))
+            histogram = self._pending(self._upstream, self.upstream_duration, route)
         histogram.add(seconds)
+
+    @staticmethod
+    def _pending(
+        table: dict[str, _PendingHistogram], family: Histogram, route: str
+    ) -> _PendingHistogram:
+        """The pending observations of ``family``'s child for ``route``, made on first use."""
+        histogram = table[route] = _PendingHistogram(family.labels(route))
+        return histogram
 
     def flush(self) -> None:
         """Hand what :meth:`observe_request`, :meth:`observe_upstream` and
