@@ -3,9 +3,10 @@
 A full ``python -m bench`` run compares against Apache, but on a shared VM its 10-second
 slices drift by 10-20 % within minutes, which hides a change of that size. This measures one
 change: each source tree (a folder holding ``gateway/``, e.g. a ``git worktree`` of the commit
-before) runs as its own one-process gateway with the same config, and short wrk slices go to
-A and B in alternating order (ABBAAB...), so slow and fast minutes fall on both alike. The
-figure is the gateway process's own CPU (user + system) per request, summed over all slices;
+before) runs as its own gateway (one process unless ``--workers``) with the same config, and
+short wrk slices go to A and B in alternating order (ABBAAB...), so slow and fast minutes fall
+on both alike. The figure is the gateway's own CPU (user + system, every process of it) per
+request, summed over all slices;
 the probe before each slice checks the answer (status and body) so a broken variant cannot
 pass for fast.
 
@@ -16,7 +17,7 @@ client allows ``http://127.0.0.1:PORT/oauth2/callback``; the gateway listens on 
 live in the memory store, or with ``--store redis`` in a redis-server of the run's own (as in
 ``python -m bench``: the session cache and its confirmation ping then take part); the upstream
 is ``--upstream`` (the peer's nginx by default). ``--workers N`` runs ``server.workers: N``
-(with ``--store redis``) and counts the CPU of the supervisor and every worker.
+(with ``--store redis``).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _config(port: int, args: argparse.Namespace, redis_url: str | None) -> dict[
 
 def _slice(src: Path, config: Path, log: Path, args: argparse.Namespace) -> tuple[float, int]:
     """Start the gateway from ``src``, check one answer, warm up, then one measured wrk run:
-    (CPU seconds of the gateway process, requests answered)."""
+    (CPU seconds of the gateway's processes, requests answered)."""
     url = f"http://127.0.0.1:{args.port}"
     accept, status = CASES[args.case]
     gateway = ChildProcess("gateway", [sys.executable, "-m", "gateway", "run", "-c", str(config)],
@@ -111,13 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", choices=("memory", "redis"), default="memory",
                         help="where sessions live [memory]; redis: a redis-server of its own")
     parser.add_argument("--workers", type=int, default=1,
-                        help="server.workers [1]; the CPU of the supervisor and every worker "
-                             "counts (use --store redis: memory sessions are per worker)")
+                        help="server.workers [1], with --store redis; the CPU of the "
+                             "supervisor and every worker counts")
     args = parser.parse_args(argv)
     if not 1 <= args.rounds <= 50 or not 1 <= args.seconds <= 60:
         parser.error("--rounds must be 1..50 and --seconds 1..60")
     if not 1 <= args.workers <= 8:
         parser.error("--workers must be 1..8")
+    if args.workers > 1 and args.store == "memory":
+        parser.error("--workers needs --store redis: memory-store sessions are per worker")
     sources = {"A": args.old.resolve(), "B": args.new.resolve()}
     for src in sources.values():
         if not (src / "gateway" / "__init__.py").is_file():
