@@ -20,7 +20,7 @@ import re
 import secrets
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from urllib.parse import quote, urlsplit
 
@@ -61,7 +61,7 @@ from gateway.headers import (
     upstream_response_headers,
 )
 from gateway.idp import IdentityProvider
-from gateway.models import Decision, Identity, LoginState, Session, Ticket
+from gateway.models import Decision, Identity, IndexEntry, LoginState, Session, Ticket
 from gateway.observability import (
     AUDITED,
     METRICS_CONTENT_TYPE,
@@ -557,7 +557,7 @@ class Gateway:
         elif needs_touch(session, now=now, idle_timeout=idle):
             session = touched(session, now)
             await self._save(ticket, session, now)
-            await self._index_session(ticket.session_id, session, None, touch=True)
+            await self._touch_index(ticket.session_id, session)
         return ticket, session
 
     def _ticket_of(self, request: web.BaseRequest) -> Ticket | None:
@@ -716,37 +716,35 @@ class Gateway:
             keys.append(f"x:sid:{meta['sid']}")
         return keys
 
-    async def _index_session(
-        self, session_id: str, session: Session, request: web.BaseRequest | None,
-        *, client_ip: str | None = None, touch: bool = False,
-    ) -> None:
-        """List the session in its indexes (at login), or refresh its last-seen (touch).
-
-        The entry holds what the admin API shows (never a token); it lives as long as a
-        session can (``session.lifetime``), and entries of sessions that ended otherwise are
-        skipped and pruned when read.
-        """
-        ttl = self.config.session.lifetime
-        index = f"x:h:{admin_id(session_id)}"
-        meta: dict[str, object]
-        if touch:
-            old = (await self.store.index_get(index)).get(session_id)
-            if old is None:
-                return
-            meta = json.loads(old)
-            meta["last_seen"] = session.last_seen
-            keys = [index, f"x:user:{meta['user']}"]
-        else:
-            agent = request.headers.get("User-Agent", "") if request is not None else ""
-            meta = {"user": session.identity.user, "sub": session.identity.sub,
-                    "sid": session.sid, "created": session.created_at,
-                    "last_seen": session.last_seen, "client_ip": client_ip,
-                    "user_agent": agent[:256]}
-            keys = self._index_keys(session_id, meta)
+    def _index_entries(
+        self, session_id: str, session: Session, request: web.BaseRequest, *, client_ip: str
+    ) -> list[IndexEntry]:
+        """A new session's entries in its indexes: what the admin API shows (never a token),
+        kept as long as a session can live (``session.lifetime``); entries of sessions that
+        ended otherwise are skipped and pruned when read."""
+        agent = request.headers.get("User-Agent", "")
+        meta = {"user": session.identity.user, "sub": session.identity.sub,
+                "sid": session.sid, "created": session.created_at,
+                "last_seen": session.last_seen, "client_ip": client_ip,
+                "user_agent": agent[:256]}
         value = json.dumps(meta, separators=(",", ":")).encode()
+        ttl = self.config.session.lifetime
+        return [IndexEntry(key, session_id, value, ttl)
+                for key in self._index_keys(session_id, meta)]
+
+    async def _touch_index(self, session_id: str, session: Session) -> None:
+        """Refresh a session's last-seen in the indexes the admin API reads."""
+        index = f"x:h:{admin_id(session_id)}"
+        old = (await self.store.index_get(index)).get(session_id)
+        if old is None:
+            return
+        meta = json.loads(old)
+        meta["last_seen"] = session.last_seen
+        value = json.dumps(meta, separators=(",", ":")).encode()
+        ttl = self.config.session.lifetime
         # Independent writes (one key each): in parallel, one round trip of waiting.
         await asyncio.gather(*(self.store.index_put(key, session_id, value, ttl)
-                               for key in keys))
+                               for key in (index, f"x:user:{meta['user']}")))
 
     async def _end_session(self, session_id: str, session: Session | None) -> None:
         """Delete a session and take it out of its indexes."""
@@ -788,15 +786,17 @@ class Gateway:
         return len(entries)
 
     async def _save(
-        self, ticket: Ticket, session: Session, now: float, *, new: bool = False
+        self, ticket: Ticket, session: Session, now: float, *,
+        index: Sequence[IndexEntry] | None = None,
     ) -> None:
-        """Seal and store ``session``. ``new``: a session id never used before (a login),
-        stored only if absent; no process can hold it in its cache, so no invalidation. This
-        process keeps it there instead: the browser's next request (the page it came for,
-        most often on this same connection) finds it after the confirmation ping, with no
-        store read and no unsealing. A revoke during the write voids that, as for a read."""
+        """Seal and store ``session``. With ``index`` (a login): a session id never used
+        before, stored only if absent, with its index entries in the same round trip; no
+        process can hold it in its cache, so no invalidation. This process keeps it there
+        instead: the browser's next request (the page it came for, most often on this same
+        connection) finds it after the confirmation ping, with no store read and no
+        unsealing. A revoke during the write voids that, as for a read."""
         key = _session_key(ticket.session_id)
-        cache = self.session_cache if new else None
+        cache = self.session_cache if index is not None else None
         token = cache.begin(key, read=False) if cache is not None else None
         blob = seal(
             pack_session(session),
@@ -806,9 +806,9 @@ class Gateway:
             nonce_bytes=self.token_bytes(12),
         )
         ttl = store_ttl(session, now=now, idle_timeout=self.config.session.idle_timeout)
-        if not new:
+        if index is None:
             await self.store.set(key, blob, ttl)
-        elif not await self.store.set_new(key, blob, ttl):
+        elif not await self.store.set_new_indexed(key, blob, ttl, index):
             # A fresh random id already taken: never overwrite someone's session.
             raise SessionStoreError("A new session could not be stored; sign in again.")
         if cache is not None:
@@ -1250,14 +1250,10 @@ class Gateway:
             issuer=self.idp.metadata.issuer,
             sid=sid if isinstance(sid, str) else None,
         )
-        # The session and its index entries at once: a login waits for one round trip to the
-        # store, not five. (An index entry of a session whose write failed is skipped when
-        # read, like that of an ended one.)
-        await asyncio.gather(
-            self._save(ticket, session, now, new=True),
-            self._index_session(ticket.session_id, session, request,
-                                client_ip=facts.forwarded.client_ip),
-        )
+        # The session and its index entries in one round trip to the store (one answer to
+        # wait for: at idle each answer wakes a cold process, issue 7).
+        await self._save(ticket, session, now, index=self._index_entries(
+            ticket.session_id, session, request, client_ip=facts.forwarded.client_ip))
         log.info("login", extra={"request_id": facts.request_id, "user": identity.user,
                                  "session": short_hash(ticket.session_id)})
         response = web.Response(status=302, headers={

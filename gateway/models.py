@@ -105,3 +105,15 @@ class Decision:
     allowed: bool
     reason: str
     rule: RuleRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One entry to put in a session index of the store (``SessionStore.index_put``):
+    ``member`` → ``value`` in the index ``key``, which lives ``ttl`` more seconds (never less
+    than before). Sessions are listed by provider session, subject, user and id hash."""
+
+    key: str
+    member: str
+    value: bytes
+    ttl: float

@@ -23,7 +23,7 @@ import secrets
 import sys
 import time
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -34,6 +34,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway import __version__
 from gateway.headers import REQUEST_ID_HEADER
+from gateway.models import IndexEntry
 from gateway.policy import Access
 
 __all__ = [
@@ -615,6 +616,9 @@ class _Store(Protocol):
     async def get(self, key: str) -> bytes | None: ...
     async def set(self, key: str, value: bytes, ttl: float) -> None: ...
     async def set_new(self, key: str, value: bytes, ttl: float) -> bool: ...
+    async def set_new_indexed(
+        self, key: str, value: bytes, ttl: float, index: Sequence[IndexEntry]
+    ) -> bool: ...
     async def delete(self, key: str) -> None: ...
     async def pop(self, key: str) -> bytes | None: ...
     async def ping(self) -> None: ...
@@ -661,6 +665,19 @@ class MeteredStore:
         started = time.perf_counter()
         try:
             return await self.inner.set_new(key, value, ttl)
+        except Exception:
+            self._failures["set_new"].inc()
+            raise
+        finally:
+            self._timers["set_new"].observe(time.perf_counter() - started)
+
+    async def set_new_indexed(
+        self, key: str, value: bytes, ttl: float, index: Sequence[IndexEntry]
+    ) -> bool:
+        """Timed and counted as a ``set_new``: the index entries ride in its round trip."""
+        started = time.perf_counter()
+        try:
+            return await self.inner.set_new_indexed(key, value, ttl, index)
         except Exception:
             self._failures["set_new"].inc()
             raise

@@ -44,7 +44,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -53,7 +53,7 @@ from redis.backoff import NoBackoff
 
 from gateway.config import SessionConfig
 from gateway.errors import SessionStoreError
-from gateway.models import Session
+from gateway.models import IndexEntry, Session
 from gateway.observability import Metrics
 from gateway.store import RedisStore, SessionStore
 
@@ -467,6 +467,12 @@ class InvalidatingStore:
         # Only stores a key that was absent, and absent sessions are never cached: no process
         # can hold an old value of it, so there is nothing to invalidate.
         return await self.inner.set_new(key, value, ttl)
+
+    async def set_new_indexed(
+        self, key: str, value: bytes, ttl: float, index: Sequence[IndexEntry]
+    ) -> bool:
+        # As set_new: a key that was absent cannot be cached anywhere.
+        return await self.inner.set_new_indexed(key, value, ttl, index)
 
     async def delete_if(self, key: str, value: bytes) -> bool:
         done = await self.inner.delete_if(key, value)

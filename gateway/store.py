@@ -35,6 +35,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from gateway.config import SessionConfig
 from gateway.errors import SessionStoreError
+from gateway.models import IndexEntry
 
 __all__ = ["MemoryStore", "RedisStore", "SessionStore", "store_from_config"]
 
@@ -70,6 +71,15 @@ class SessionStore(Protocol):
         Of concurrent callers exactly one wins: a refresh lock, a logout token's ``jti`` seen
         for the first time.
         """
+        ...
+
+    async def set_new_indexed(
+        self, key: str, value: bytes, ttl: float, index: Sequence[IndexEntry]
+    ) -> bool:
+        """:meth:`set_new`, and every entry of ``index`` put as by :meth:`index_put`, in one
+        round trip to the store: a login waits for one answer, not one per index. The index
+        entries are written even when the key was taken (an entry naming an absent session
+        is skipped and pruned when read). True when this call stored the key."""
         ...
 
     async def delete_if(self, key: str, value: bytes) -> bool:
@@ -243,6 +253,14 @@ class MemoryStore:
             return False
         await self.set(key, value, ttl)
         return True
+
+    async def set_new_indexed(
+        self, key: str, value: bytes, ttl: float, index: Sequence[IndexEntry]
+    ) -> bool:
+        stored = await self.set_new(key, value, ttl)
+        for entry in index:
+            await self.index_put(entry.key, entry.member, entry.value, entry.ttl)
+        return stored
 
     async def delete_if(self, key: str, value: bytes) -> bool:
         if self._live(key) != value:
@@ -746,6 +764,20 @@ class RedisStore:
         px = _px(ttl)
         done = await self._call("SET NX", self._client.set(self._key(key), value, px=px, nx=True))
         return bool(done)
+
+    async def set_new_indexed(
+        self, key: str, value: bytes, ttl: float, index: Sequence[IndexEntry]
+    ) -> bool:
+        # A pipeline, not a transaction: the keys may live on different Cluster nodes, and
+        # each command stands alone (as set_new and index_put do). On a Cluster, redis-py
+        # sends each node its commands.
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(self._key(key), value, px=_px(ttl), nx=True)
+        for entry in index:
+            pipe.eval(_INDEX_PUT_LUA, 1, self._key(entry.key), entry.member, entry.value,
+                      _px(entry.ttl))
+        done = await self._call("SET NX + index HSET", pipe.execute())
+        return bool(done[0])
 
     async def delete_if(self, key: str, value: bytes) -> bool:
         # One key per script call, so a Cluster routes it to that key's slot.

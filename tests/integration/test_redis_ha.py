@@ -37,6 +37,7 @@ from redis.exceptions import MovedError
 
 from gateway.config import Config, parse_config
 from gateway.errors import ConfigError, SessionStoreError
+from gateway.models import IndexEntry
 from gateway.store import RedisStore, SessionStore, store_from_config
 from tests.integration.test_store import (
     Harness,
@@ -717,6 +718,16 @@ async def test_cluster_store_spreads_sessions_over_every_master(cluster: Cluster
         assert popped == list(sessions.values())
         for key in sessions:
             assert await store.get(key) is None
+        # A login's pipeline spans slots of different masters: each gets its commands.
+        index = [IndexEntry(f"x:user:{secrets.token_hex(6)}", "member", b"m", 60)
+                 for _ in range(12)]
+        assert await store.set_new_indexed("s:pipelined", b"sealed", 60, index)
+        owners = {(await asyncio.to_thread(cluster.owner, "spread:" + e.key)).port
+                  for e in index}
+        assert len(owners) > 1, "the index keys all fell on one master: no cross-slot test"
+        assert await store.get("s:pipelined") == b"sealed"
+        for entry in index:
+            assert await store.index_get(entry.key) == {"member": b"m"}
     finally:
         await store.close()
 
@@ -793,6 +804,10 @@ async def test_tls_with_a_ca_file_and_an_acl_user(tls_redis: tuple[Node, Path, s
         assert await store.index_get("x:sid:abc") == {"member": b"v"}
         await store.index_remove("x:sid:abc", "member")
         assert await store.index_get("x:sid:abc") == {}
+        # A login's one round trip: the session and its index entries in a pipeline.
+        assert await store.set_new_indexed(
+            "s:tls-new", b"sealed", 60, [IndexEntry("x:sub:abc", "tls-new", b"m", 60)])
+        assert await store.index_get("x:sub:abc") == {"tls-new": b"m"}
     finally:
         await store.close()
 

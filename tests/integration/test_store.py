@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.utils import HIREDIS_AVAILABLE
 
 from gateway.errors import SessionStoreError
+from gateway.models import IndexEntry
 from gateway.store import MemoryStore, RedisStore, SessionStore
 from tests.support.peers import free_port
 
@@ -245,6 +246,34 @@ async def test_concurrent_pops_exactly_one_wins(harness: Harness) -> None:
         results = await asyncio.gather(*(harness.store.pop(key) for _ in range(20)))
         assert results.count(b"login") == 1
         assert results.count(None) == 19
+
+
+async def test_set_new_indexed_stores_once_and_lists_the_member(harness: Harness) -> None:
+    store = harness.store
+    index = [IndexEntry("x:sub:alice", "sess-1", b'{"user":"alice"}', 600),
+             IndexEntry("x:user:alice", "sess-1", b'{"user":"alice"}', 600),
+             IndexEntry("x:h:abc", "sess-1", b"meta", 600)]
+    assert await store.set_new_indexed("s:sess-1", b"sealed-1", 60, index)
+    assert await store.get("s:sess-1") == b"sealed-1"
+    for entry in index:
+        assert await store.index_get(entry.key) == {"sess-1": entry.value}
+    # A second session of the same user joins the indexes; the first stays listed.
+    assert await store.set_new_indexed(
+        "s:sess-2", b"sealed-2", 60, [IndexEntry("x:sub:alice", "sess-2", b"two", 600)])
+    assert await store.index_get("x:sub:alice") == {"sess-1": b'{"user":"alice"}',
+                                                    "sess-2": b"two"}
+    # A taken key is never overwritten (False); its index entry is still written, as the
+    # contract says (readers skip entries of absent sessions).
+    assert not await store.set_new_indexed(
+        "s:sess-1", b"intruder", 60, [IndexEntry("x:sid:op-1", "sess-1", b"late", 600)])
+    assert await store.get("s:sess-1") == b"sealed-1"
+    assert await store.index_get("x:sid:op-1") == {"sess-1": b"late"}
+
+
+async def test_set_new_indexed_with_no_index_is_set_new(harness: Harness) -> None:
+    assert await harness.store.set_new_indexed("s:alone", b"v", 60, [])
+    assert not await harness.store.set_new_indexed("s:alone", b"w", 60, [])
+    assert await harness.store.get("s:alone") == b"v"
 
 
 @pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf")])
