@@ -8,6 +8,7 @@ fails with the package to install, and so does this test.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -16,7 +17,9 @@ from typing import Any
 
 import pytest
 
+from tests.support.gateway_proc import gateway_config, start_gateway
 from tests.support.peers import free_port
+from tests.support.upstream import running_upstream
 
 REPO = Path(__file__).resolve().parents[2]
 OURS = "oidc-gateway"
@@ -118,3 +121,39 @@ def test_side_by_side_tool_measures_both_trees(
         assert _number(cpu) > 0
         assert _number(count) > 0
     assert "ab: B ÷ A = " in done.stdout
+
+
+@pytest.mark.provider
+@pytest.mark.timeout(120)
+async def test_hop_tool_times_each_hop_of_a_login(oidc_provider: Any, tmp_path: Path) -> None:
+    """``python -m bench.hops`` logs in through a gateway (here ours, with the test OP) and
+    prints each hop's median, the gateway's and the provider's share, and with ``--idle`` the
+    answer times back to back and after idling. Smoke only: two logins, five requests."""
+    port = free_port()
+    client_id, secret = oidc_provider.register_client(
+        [f"http://127.0.0.1:{port}/oauth2/callback"])
+    async with running_upstream() as upstream:
+        gw = await start_gateway(gateway_config(
+            port=port, issuer=oidc_provider.issuer, client_id=client_id,
+            client_secret=secret, upstream=upstream.url), directory=tmp_path)
+        try:
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "bench.hops", gw.url, "--logins", "2", "--idle",
+                 "--requests", "5", "--gap", "5", "--path", "/anything"],
+                cwd=REPO, capture_output=True, text=True, timeout=100, check=False,
+                stdin=subprocess.DEVNULL)
+        finally:
+            gw.stop()
+    assert done.returncode == 0, f"bench.hops failed:\n{done.stdout}\n{done.stderr[-3000:]}"
+    rows = {cells[0]: cells[1:] for cells in (
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in done.stdout.splitlines() if line.startswith("| "))}
+    for hop in ("gateway GET /anything", "gateway GET /oauth2/callback", "all gateway hops",
+                "all provider hops", "whole login", "302, back to back",
+                "302, after 5 ms idle", "401, back to back", "401, after 5 ms idle"):
+        assert hop in rows, f"no row {hop!r}:\n{done.stdout}"
+        assert _number(rows[hop][0]) > 0, done.stdout
+    assert any(name.startswith("provider ") for name in rows), done.stdout
+    whole = _number(rows["whole login"][0])
+    assert _number(rows["all gateway hops"][0]) < whole, done.stdout
