@@ -119,3 +119,54 @@ def test_every_value_makes_one_line_of_json(stream: io.StringIO) -> None:
     assert parsed[2]["thing"] == "opaque-value"
     assert parsed[3]["keys"] == {"1": "one"}
     assert parsed[4]["nan"] is None  # not the bare NaN that is no JSON
+
+
+def _gateway_handlers_only() -> None:
+    """Take pytest's capture handlers off the root, as in a gateway process: log_info then
+    takes its fast path."""
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if isinstance(h, LineStreamHandler)]
+
+
+def test_each_line_has_its_own_message_time_and_pid(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head of a line (level, logger, message, pid) is encoded once per message and
+    process: lines of two messages, and lines after the process id changed (a fork), each
+    carry their own."""
+    _gateway_handlers_only()
+    audit, access = logging.getLogger("gateway.audit"), logging.getLogger("gateway.access")
+    log_info(audit, "access allowed", {"status": 200})
+    log_info(access, "request", {"status": 404})
+    monkeypatch.setattr("gateway.observability.os.getpid", lambda: 424242)
+    log_info(audit, "access allowed", {"status": 201})
+    first, second, third = lines(stream)
+    assert (first["logger"], first["msg"], first["status"]) == (
+        "gateway.audit", "access allowed", 200)
+    assert (second["logger"], second["msg"], second["status"]) == (
+        "gateway.access", "request", 404)
+    assert third["pid"] == 424242 != first["pid"]
+    assert list(first) == ["time", "level", "logger", "msg", "pid", "status"]
+    assert all(isinstance(line["time"], str) and line["time"].endswith("Z")
+               for line in (first, second, third))
+
+
+def test_a_field_named_like_the_head_replaces_it_once(stream: io.StringIO) -> None:
+    """A field called ``msg``, ``level``, ``time``, ``logger`` or ``pid`` replaces the head's
+    value, as it always did: one key each, never two (a reader would take either)."""
+    _gateway_handlers_only()
+    logger = logging.getLogger("gateway.audit")
+    log_info(logger, "access allowed", {"msg": "from a field", "level": "custom", "user": "a"})
+    written = stream.getvalue()
+    assert written.count('"msg"') == 1
+    assert written.count('"level"') == 1
+    (line,) = lines(stream)
+    assert (line["msg"], line["level"], line["user"]) == ("from a field", "custom", "a")
+
+
+def test_a_line_without_fields_is_its_head(stream: io.StringIO) -> None:
+    _gateway_handlers_only()
+    log_info(logging.getLogger("gateway.audit"), "bare", {})
+    (line,) = lines(stream)
+    assert list(line) == ["time", "level", "logger", "msg", "pid"]
+    assert line["msg"] == "bare"
