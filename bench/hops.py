@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from bench.harness import HarnessError
-from bench.loadgen import API_ACCEPT, BROWSER_ACCEPT, check_loopback_url
+from bench.loadgen import API_ACCEPT, BROWSER_ACCEPT, check_loopback_url, read_answer
 from tests.support.login import browser_login
 
 WARMUP_LOGINS = 3
@@ -108,9 +108,10 @@ async def measure_logins(urls: list[str], count: int, path: str) -> list[Hops]:
     return results
 
 
-def idle_latency(url: str, accept: str, *, count: int, gap: float) -> float:
+def idle_latency(url: str, accept: str, status: int, *, count: int, gap: float) -> float:
     """Median milliseconds from sending ``GET /bench`` to reading its whole answer, on one
-    connection, with ``gap`` seconds of idling before each request (0: back to back)."""
+    connection, with ``gap`` seconds of idling before each request (0: back to back); every
+    answer must have ``status``."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     request = (f"GET /bench HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: {accept}\r\n\r\n"
@@ -122,30 +123,12 @@ def idle_latency(url: str, accept: str, *, count: int, gap: float) -> float:
                 time.sleep(gap)
             started = time.perf_counter()
             sock.sendall(request)
-            _read_one_answer(sock)
+            answer = read_answer(sock)
             samples.append((time.perf_counter() - started) * 1000.0)
+            if answer.status != status:
+                raise HarnessError(f"GET /bench on {url} answered {answer.status}, "
+                                   f"expected {status}")
     return statistics.median(samples)
-
-
-def _read_one_answer(sock: socket.socket) -> None:
-    """Read one answer whole (its head, then Content-Length bytes of body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise HarnessError("the gateway closed the connection")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value.strip())
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise HarnessError("the gateway closed the connection mid-answer")
-        body += chunk
 
 
 def _print_hops(results: list[Hops]) -> None:
@@ -198,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n| answer (median ms of {args.requests}, one connection) | "
                   + " | ".join(urlsplit(u).netloc for u in urls) + " |")
             print("| --- |" + " ---: |" * len(urls))
-            for name, accept in (("302", BROWSER_ACCEPT), ("401", API_ACCEPT)):
+            for status, accept in ((302, BROWSER_ACCEPT), (401, API_ACCEPT)):
                 for gap in (0.0, args.gap / 1000.0):
-                    cells = [f"{idle_latency(u, accept, count=args.requests, gap=gap):.3f}"
+                    cells = [f"{idle_latency(u, accept, status, count=args.requests, gap=gap):.3f}"
                              for u in urls]
                     when = "back to back" if not gap else f"after {args.gap:g} ms idle"
-                    print(f"| {name}, {when} | {' | '.join(cells)} |")
+                    print(f"| {status}, {when} | {' | '.join(cells)} |")
     except (HarnessError, OSError, aiohttp.ClientError) as exc:
         print(f"hops: {exc}", file=sys.stderr)
         return 1

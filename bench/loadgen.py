@@ -65,7 +65,8 @@ class Answer:
     location: str | None
 
 
-def _read_answer(sock: socket.socket) -> Answer:
+def read_answer(sock: socket.socket) -> Answer:
+    """Read one whole answer (head, then its Content-Length or chunked body) from ``sock``."""
     buf = b""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
@@ -114,7 +115,7 @@ def probe(base_url: str, req: Request, *, timeout: float = 15.0) -> Answer:
         sock.sendall(data)
         if req.body_bytes:
             sock.sendall(b"x" * req.body_bytes)
-        return _read_answer(sock)
+        return read_answer(sock)
 
 
 @dataclass(frozen=True)
