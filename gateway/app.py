@@ -80,10 +80,10 @@ def make_store(config: Config) -> SessionStore:
 # The cyclic garbage collector's thresholds while serving (CPython's default: 700, 10, 10).
 # Every request in flight holds a few dozen containers (frames, futures, dicts) that are young
 # when a collection starts, so under load the default ran a collection every few dozen
-# requests and a full one every few thousand, over every object of the process: about 6 %
-# of a signed-in GET's CPU (issue 7, side by side). Nearly everything a request makes is freed
-# by reference counting; the few cycles wait longer, a retired config's objects are collected
-# at once (Live._retire).
+# requests and a full one every few thousand, over every object of the process: 4-6 % of a
+# signed-in GET's CPU at 50 connections per process (issue 7, side by side; nothing at 25).
+# Nearly everything a request makes is freed by reference counting; the few cycles wait
+# longer, and a retired config's objects are collected at once (Live._retire).
 GC_THRESHOLDS: Final = (10_000, 10, 10)
 
 # Idle provider connections are dropped before Node's default 5 s keep-alive (oidc-provider and
