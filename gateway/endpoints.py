@@ -1254,8 +1254,10 @@ class Gateway:
         # wait for: at idle each answer wakes a cold process, issue 7).
         await self._save(ticket, session, now, index=self._index_entries(
             ticket.session_id, session, request, client_ip=facts.forwarded.client_ip))
-        log.info("login", extra={"request_id": facts.request_id, "user": identity.user,
-                                 "session": short_hash(ticket.session_id)})
+        # The access and audit lines' fast path: the same line, 0.06 ms less of a callback at
+        # idle (issue 7).
+        log_info(log, "login", {"request_id": facts.request_id, "user": identity.user,
+                                "session": short_hash(ticket.session_id)})
         response = web.Response(status=302, headers={
             "Location": login.target,
             "Cache-Control": _NO_STORE,

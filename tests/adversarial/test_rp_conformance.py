@@ -615,6 +615,14 @@ async def test_token_endpoint_failure_rejected(
 # ---------------------------------------------------------------------------------------------
 
 
+def _json_or_none(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 async def test_gateway_logs_carry_no_code_token_or_secret(main: World) -> None:
     """After logins that succeed and fail, the gateway's log holds none of the codes, tokens,
     state, nonce, PKCE verifier or client secret it handled (DEVELOPERS rule, note on logs)."""
@@ -626,7 +634,11 @@ async def test_gateway_logs_carry_no_code_token_or_secret(main: World) -> None:
     main.provider.script = Script(userinfo={"sub": "mallory"})
     await rejected(main, status=401, says="userinfo sub")
     logs = main.gateway.logs()
-    assert "login" in logs  # the log is there and has the login line
+    # The log is there and has the login line: who, and the session as a short hash only.
+    logins = [line for line in map(_json_or_none, logs.splitlines())
+              if line is not None and line.get("msg") == "login"]
+    assert logins
+    assert all(line["user"] and len(line["session"]) == 12 for line in logins), logins
     secrets_seen = [*main.provider.issued, *handled, CLIENT_SECRET]
     assert len(main.provider.issued) >= 7
     leaked = [i for i, value in enumerate(secrets_seen) if value in logs]
