@@ -430,24 +430,32 @@ class IdentityProvider:
         tokens = await self.exchange_code(
             code, redirect_uri=redirect_uri, code_verifier=login.code_verifier
         )
-        # Userinfo asked for while the ID token is checked (the access token came straight
-        # from the token endpoint): one wait instead of two. Userinfo first: the check is
-        # CPU work with no wait in it (the keys are cached), so started first it ran whole
-        # before the request left, and the login waited for both one after the other
-        # (issue 7: 0.5 ms of a callback at idle). A refused ID token still ends the login;
-        # the userinfo answer is then dropped unread.
+        claims, info = await self._claims_and_userinfo(
+            tokens.id_token, tokens.access_token, nonce=login.nonce)
+        identity = await self.identity_for_login(claims, info, tokens.access_token)
+        return identity, tokens, claims
+
+    async def _claims_and_userinfo(
+        self, id_token: str, access_token: str | None, *, nonce: str | None
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The ID token's validated claims and the userinfo answer, asked for at once (the
+        access token came straight from the token endpoint): one wait instead of two.
+
+        Userinfo first: the check is CPU work with no wait in it (the keys are cached), so
+        started first it ran whole before the request left, and a login waited for both one
+        after the other (issue 7: 0.5 ms of a callback at idle). A refused ID token wins over
+        a userinfo failure; the userinfo answer is then dropped unread.
+        """
         fetched, checked = await asyncio.gather(
-            self.userinfo(tokens.access_token),
-            self.validate_id_token(tokens.id_token, nonce=login.nonce),
+            self.userinfo(access_token),
+            self.validate_id_token(id_token, nonce=nonce),
             return_exceptions=True,
         )
         if isinstance(checked, BaseException):  # the ID token's verdict first, always
             raise checked
         if isinstance(fetched, BaseException):
             raise fetched
-        claims, info = checked, fetched
-        identity = await self.identity_for_login(claims, info, tokens.access_token)
-        return identity, tokens, claims
+        return checked, fetched
 
     async def identity_after_refresh(
         self, identity: Identity, old: TokenSet, fresh: TokenSet
@@ -469,19 +477,10 @@ class IdentityProvider:
         if not new_id_token and not new_access:
             return identity
         try:
+            claims: Mapping[str, Any]
             if new_id_token:
-                # As at login: userinfo on its way while the new ID token is checked.
-                fetched, checked = await asyncio.gather(
-                    self.userinfo(fresh.access_token),
-                    self.validate_id_token(fresh.id_token, nonce=None),
-                    return_exceptions=True,
-                )
-                if isinstance(checked, BaseException):
-                    raise checked
-                if isinstance(fetched, BaseException):
-                    raise fetched
-                claims: Mapping[str, Any] = checked
-                info = fetched
+                claims, info = await self._claims_and_userinfo(
+                    fresh.id_token, fresh.access_token, nonce=None)
             else:
                 # The ID token is the old one (maybe expired by now): its claims as kept.
                 claims, info = identity.claims, None
