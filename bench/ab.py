@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from bench.harness import (
 )
 from bench.loadgen import API_ACCEPT, BROWSER_ACCEPT, Request, probe, run_wrk
 from bench.login import session_cookie
-from tests.support.peers import ChildProcess, RedisServer
+from tests.support.peers import ChildProcess, RedisServer, tail
 
 CASES = {"api401": (API_ACCEPT, 401), "redirect": (BROWSER_ACCEPT, 302), "get": ("*/*", 200)}
 
@@ -76,9 +77,15 @@ def _slice(src: Path, config: Path, log: Path, args: argparse.Namespace) -> tupl
             START_DEADLINE, f"it is ready on {url}/ready")
         cookie = session_cookie(url) if args.case == "get" else None
         request = Request("GET", "/bench", accept, cookie)
-        answer = probe(url, request)
-        if answer.status != status:
-            raise HarnessError(f"{src}: GET /bench answered {answer.status}, expected {status}")
+        # Ten ready answers can all have come from one worker; another may still be loading
+        # the provider (a 503 until it has): asked again, on a new connection each time,
+        # until the answer is right or the start-up deadline has passed.
+        deadline = time.monotonic() + START_DEADLINE
+        while (answer := probe(url, request)).status != status:
+            if time.monotonic() > deadline:
+                raise HarnessError(f"{src}: GET /bench answered {answer.status}, expected "
+                                   f"{status}; the gateway's log ends:\n{tail(log, 20)}")
+            time.sleep(0.1)
         run_wrk(url, request, duration=1, connections=args.connections, threads=1)
         # The gateway's process, or with --workers its supervisor and workers.
         pids = listener_pids(args.port)
