@@ -23,9 +23,9 @@ import secrets
 import sys
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
@@ -612,6 +612,9 @@ class Metrics:
 # ---------------------------------------------------------------------------------------------
 
 
+_T = TypeVar("_T")
+
+
 class _Store(Protocol):
     async def get(self, key: str) -> bytes | None: ...
     async def set(self, key: str, value: bytes, ttl: float) -> None: ...
@@ -641,78 +644,40 @@ class MeteredStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def get(self, key: str) -> bytes | None:
+    async def _timed(self, op: str, call: Awaitable[_T]) -> _T:
+        """Await ``call``, timed as the store operation ``op`` and counted when it fails."""
         started = time.perf_counter()
         try:
-            return await self.inner.get(key)
+            return await call
         except Exception:
-            self._failures["get"].inc()
+            self._failures[op].inc()
             raise
         finally:
-            self._timers["get"].observe(time.perf_counter() - started)
+            self._timers[op].observe(time.perf_counter() - started)
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._timed("get", self.inner.get(key))
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
-        started = time.perf_counter()
-        try:
-            await self.inner.set(key, value, ttl)
-        except Exception:
-            self._failures["set"].inc()
-            raise
-        finally:
-            self._timers["set"].observe(time.perf_counter() - started)
+        await self._timed("set", self.inner.set(key, value, ttl))
 
     async def set_new(self, key: str, value: bytes, ttl: float) -> bool:
-        started = time.perf_counter()
-        try:
-            return await self.inner.set_new(key, value, ttl)
-        except Exception:
-            self._failures["set_new"].inc()
-            raise
-        finally:
-            self._timers["set_new"].observe(time.perf_counter() - started)
+        return await self._timed("set_new", self.inner.set_new(key, value, ttl))
 
     async def set_new_indexed(
         self, key: str, value: bytes, ttl: float, index: Sequence[IndexEntry]
     ) -> bool:
-        """Timed and counted as a ``set_new``: the index entries ride in its round trip."""
-        started = time.perf_counter()
-        try:
-            return await self.inner.set_new_indexed(key, value, ttl, index)
-        except Exception:
-            self._failures["set_new"].inc()
-            raise
-        finally:
-            self._timers["set_new"].observe(time.perf_counter() - started)
+        # Timed and counted as a set_new: the index entries ride in its round trip.
+        return await self._timed("set_new", self.inner.set_new_indexed(key, value, ttl, index))
 
     async def delete(self, key: str) -> None:
-        started = time.perf_counter()
-        try:
-            await self.inner.delete(key)
-        except Exception:
-            self._failures["delete"].inc()
-            raise
-        finally:
-            self._timers["delete"].observe(time.perf_counter() - started)
+        await self._timed("delete", self.inner.delete(key))
 
     async def pop(self, key: str) -> bytes | None:
-        started = time.perf_counter()
-        try:
-            return await self.inner.pop(key)
-        except Exception:
-            self._failures["pop"].inc()
-            raise
-        finally:
-            self._timers["pop"].observe(time.perf_counter() - started)
+        return await self._timed("pop", self.inner.pop(key))
 
     async def ping(self) -> None:
-        started = time.perf_counter()
-        try:
-            await self.inner.ping()
-        except Exception:
-            self._failures["ping"].inc()
-            raise
-        finally:
-            self._timers["ping"].observe(time.perf_counter() - started)
+        await self._timed("ping", self.inner.ping())
 
     async def close(self) -> None:
         await self.inner.close()
