@@ -163,7 +163,10 @@ class UpstreamProxy:
                 while chunk := await upstream.read_chunk():
                     await response.write(chunk)
             await response.write_eof()
-        except (TimeoutError, UpstreamClientError, ConnectionResetError) as exc:
+        except ConnectionResetError:
+            # The browser left mid-answer (a closed tab, a cancelled download): not a fault.
+            log.info("browser left before the answer was whole")
+        except (TimeoutError, UpstreamClientError) as exc:
             # The headers are already out: the only honest signal left is a cut connection.
             log.warning(
                 "upstream answer broken off mid-stream",

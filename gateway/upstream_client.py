@@ -695,6 +695,15 @@ class UpstreamClient:
         conn.active = False
         conn.parser = None
         conn.disarm()
+        # A whole answer may be left partly unread (the browser left mid-download), and its
+        # last bytes may have paused reading: drop them and read again, or the next answer on
+        # this connection would never be read (the request would wait out its timeout).
+        conn.chunks.clear()
+        conn.buffered = 0
+        if conn.reading_paused:
+            conn.reading_paused = False
+            if conn.transport is not None:
+                conn.transport.resume_reading()
         idle = self._idle.setdefault(conn.origin, [])
         if len(idle) >= self.max_idle_per_origin:
             conn.abort()

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from gateway.upstream_client import UpstreamBodyTooLarge, UpstreamClient
+from gateway.upstream_client import _HIGH_WATER, UpstreamBodyTooLarge, UpstreamClient
 from tests.support.gateway_proc import GatewayProcess, free_port
 from tests.support.world import GatewayWorld, open_world
 
@@ -410,6 +410,36 @@ async def test_stalled_body_cuts_the_browser_connection(env: Env) -> None:
         await env.get("/public/stall")
 
 
+async def test_browser_leaving_mid_download_is_not_an_upstream_fault(env: Env) -> None:
+    browser_gone = asyncio.Event()
+
+    async def big(head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n" + b"a" * 100000)
+        await writer.drain()
+        await browser_gone.wait()
+        for _ in range(2):
+            writer.write(b"b" * 100000)
+            await writer.drain()
+        return True
+
+    env.upstream.script = big
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.gateway.port)
+    writer.write(b"GET /public/big HTTP/1.1\r\nHost: app\r\n\r\n")
+    await reader.readexactly(1000)  # the answer has started
+    writer.close()
+    await writer.wait_closed()
+    browser_gone.set()
+    for _ in range(250):  # up to 5 s for the gateway to notice
+        if "browser left before the answer was whole" in env.gateway.logs():
+            break
+        await asyncio.sleep(0.02)
+    else:
+        pytest.fail("the gateway did not log the browser leaving")
+    assert "upstream answer broken off" not in env.gateway.logs()
+    env.upstream.script = reply_ok
+    assert (await env.get("/public/after"))[:2] == (200, b"ok")
+
+
 async def test_connection_refused_is_502(env: Env) -> None:
     status, body, _ = await env.get("/refused/x", headers={"Accept": "application/json"})
     assert status == 502
@@ -598,6 +628,36 @@ async def test_fetch_refuses_an_answer_over_its_limit_and_drops_the_connection(
         client.close()
     assert raw.on(1) == ["/big"]  # the cut-off answer's connection carried nothing more
     assert raw.on(2) == ["/big"]
+
+
+async def test_answer_left_unread_after_reading_paused_does_not_stall_the_next(
+    raw: RawUpstream,
+) -> None:
+    # A large answer whose last bytes pushed the client over its buffer mark (reading paused),
+    # then released unread, as when the browser leaves mid-download: the connection goes back
+    # to the pool, and the next request on it must get its answer (it used to wait out its
+    # timeout: nothing read from the socket any more).
+    size = _HIGH_WATER + 1
+    raw.script = answer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size,
+                        keep=True)
+    client = UpstreamClient()
+    origin = ("http", "127.0.0.1", raw.port)
+    try:
+        response = await client.request("GET", origin, "/big", [], host="127.0.0.1", body=None,
+                                        read_timeout=5)
+        body = None
+        async with asyncio.timeout(5):
+            while body is None:  # until the whole answer is in
+                body = response.buffered_body(size)
+                await asyncio.sleep(0.005)
+        response.release()
+        raw.script = reply_ok
+        got = await client.fetch("GET", f"{raw.url}/next", headers={}, limit=100, seconds=2)
+    finally:
+        client.close()
+    assert len(body) == size
+    assert got == (200, b"ok")
+    assert raw.on(1) == ["/big", "/next"]  # still one keep-alive connection
 
 
 async def test_fetch_deadline_covers_a_body_that_trickles(raw: RawUpstream) -> None:
