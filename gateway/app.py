@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeGuard
 
 import aiohttp
+import httptools
 from aiohttp import web
 from aiohttp.helpers import (
     must_be_empty_body,
@@ -49,7 +50,7 @@ from prometheus_client import multiprocess
 from gateway.admin import create_admin_app
 from gateway.assertion_keys import AssertionKeys, key_settings
 from gateway.config import Config, parse_listen
-from gateway.endpoints import Gateway
+from gateway.endpoints import Gateway, RequestHead, WholeAnswer
 from gateway.errors import ConfigError, GatewayError
 from gateway.idp import IdentityProvider
 from gateway.observability import (
@@ -257,6 +258,11 @@ class Live:
             self.metrics.answering -= 1
             if generation.retired and not generation.in_flight:
                 generation.idle.set()
+
+    def answer_at_once(self, head: RequestHead) -> WholeAnswer | None:
+        """The current Gateway's answer to ``head`` when it needs no I/O (nothing awaits it,
+        so no generation bookkeeping either)."""
+        return self.current.gateway.answer_at_once(head)
 
     def begin_drain(self) -> None:
         """SIGTERM: /ready answers 503 from now on, and no reload starts any more."""
@@ -568,6 +574,84 @@ def _is_whole(response: web.StreamResponse) -> TypeGuard[web.Response]:
             and not response.chunked and response.compression is False)
 
 
+# A request head answered before aiohttp parses it is at most this long (well under the
+# request line and header caps of server_options, so they never apply to it).
+_AT_ONCE_MAX: Final = 4096
+# Headers that need handle(): credentials (the 401 is only for requests with none), a body,
+# an expectation, a protocol switch.
+_HAND_OFF: Final = frozenset({
+    "cookie", "authorization", "content-length", "transfer-encoding", "expect", "upgrade"})
+
+
+class _HeadReader:
+    """Reads one connection's requests with httptools while each arrives as one whole head
+    of an HTTP/1.1 keep-alive GET without body or credentials (:class:`RequestHead`); None
+    for anything else, which aiohttp's parser then reads."""
+
+    __slots__ = ("done", "fields", "handoff", "items", "kept_get", "parser", "remote", "secure",
+                 "url")
+
+    def __init__(self, remote: str, secure: bool) -> None:
+        self.remote = remote
+        self.secure = secure
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.items: list[tuple[str, str]] = []
+        self.fields: dict[str, list[str]] = {}
+        self.done = self.handoff = self.kept_get = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key, text = name.decode("ascii"), value.decode("ascii")
+        self.items.append((key, text))
+        lower = key.lower()
+        if lower in _HAND_OFF:
+            self.handoff = True
+        values = self.fields.get(lower)
+        if values is None:
+            self.fields[lower] = [text]
+        else:
+            values.append(text)
+
+    def on_headers_complete(self) -> None:
+        # Read here: once the message is complete the parser is ready for the next one.
+        parser = self.parser
+        self.kept_get = (parser.get_method() == b"GET" and parser.get_http_version() == "1.1"
+                         and parser.should_keep_alive())
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    def read(self, data: bytes) -> RequestHead | None:
+        """``data`` must be ASCII and hold exactly one request head."""
+        self.url = b""
+        self.items, self.fields = [], {}
+        self.done = self.handoff = self.kept_get = False
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return None
+        if not self.done or self.handoff or not self.kept_get:
+            return None
+        return RequestHead("GET", self.url.decode("ascii"), self.items, self.fields,
+                           self.remote, self.secure)
+
+
+def _whole(answer: WholeAnswer) -> bytes:
+    """An answer decided at once, framed as :meth:`GatewayRequestHandler._write_whole` frames
+    a ``web.Response`` to an HTTP/1.1 keep-alive request (the headers in the same order).
+    ``Gateway.answer_at_once`` checked its header values for CR and LF."""
+    head = "".join([
+        f"HTTP/1.1 {answer.status} {answer.reason}\r\n",
+        *[f"{name}: {value}\r\n" for name, value in answer.headers],
+        f"Content-Length: {len(answer.body)}\r\nDate: {rfc822_formatted_time()}\r\n"
+        f"Server: {SERVER_SOFTWARE}\r\n\r\n",
+    ])
+    return head.encode("ascii") + answer.body
+
+
 class GatewayRequestHandler(web.RequestHandler):
     """aiohttp's per-connection protocol, with what the gateway needs on top:
 
@@ -576,13 +660,26 @@ class GatewayRequestHandler(web.RequestHandler):
     * 431 for headers the parser refuses as too many or too long (RFC 6585 5), like the
       gateway's own check, instead of aiohttp's 400;
     * protocol errors logged as one line naming the error type: aiohttp's message quotes the
-      offending header line, which may be a cookie or a token (never logged).
+      offending header line, which may be a cookie or a token (never logged);
+    * requests answered before aiohttp reads them (``at_once``, ``Live.answer_at_once``):
+      the 401 or the redirect to the provider of a request with no credentials, while the
+      connection has sent nothing else (:meth:`data_received`).
     """
 
-    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+    def __init__(
+        self, manager: web.Server, *, guard: ConnectionGuard,
+        at_once: Callable[[RequestHead], WholeAnswer | None] | None = None, **kwargs: Any,
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._counted = False
+        self._at_once = at_once
+        self._heads: _HeadReader | None = None
+        # Whether the requests come to _heads first (else aiohttp's parser reads them).
+        self._reading_heads = False
+        # Whether aiohttp's parser got exactly one whole head, bodiless, since _heads last
+        # read: once that request is answered, _heads may read the next one.
+        self._clean_handoff = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -593,6 +690,70 @@ class GatewayRequestHandler(web.RequestHandler):
             self.force_close()
             return
         self._counted = True
+        if self._at_once is not None:
+            peer = self.peername
+            remote = str(peer[0]) if isinstance(peer, list | tuple) else str(peer or "")
+            self._heads = _HeadReader(remote, self.ssl_context is not None)
+            self._reading_heads = True
+
+    def data_received(self, data: bytes) -> None:
+        """Answer a request at once when the Gateway can (``at_once``), else hand it to
+        aiohttp's parser, and then every byte after it until that request is answered: no
+        answer overtakes another, and no byte is read by both parsers.
+
+        At once: ``data`` holds exactly one HTTP/1.1 GET head (as clients send requests one
+        at a time on a connection), ASCII, no body, no cookie or Authorization, keep-alive.
+        When it held such a head that the Gateway left to :meth:`Gateway.handle` (a health
+        check, a sign-in whose store check is due), aiohttp's parser ends exactly at its end,
+        and once it is answered with nothing else come in, :meth:`start` lets ``_heads``
+        read again. Anything else makes the connection aiohttp's for good.
+        """
+        heads = self._heads
+        if self._reading_heads and heads is not None:
+            head = self._head_of(heads, data)
+            if head is not None:
+                answer = self._answer_at_once(head)
+                if answer is not None:
+                    self._send_at_once(answer)
+                    return
+            self._reading_heads = False
+            self._clean_handoff = head is not None
+        else:
+            self._clean_handoff = False
+        super().data_received(data)
+
+    def _answer_at_once(self, head: RequestHead) -> WholeAnswer | None:
+        if self._at_once is None:
+            return None
+        try:
+            return self._at_once(head)
+        except Exception:  # a bug: handle() answers the request (its error page, a 500)
+            log.exception("request not answered at once")
+            return None
+
+    def _head_of(self, heads: _HeadReader, data: bytes) -> RequestHead | None:
+        if (self._force_close or self._close or len(data) > _AT_ONCE_MAX
+                or not data.startswith(b"GET ") or data.find(b"\r\n\r\n") != len(data) - 4
+                or not data.isascii()):
+            return None
+        return heads.read(data)
+
+    def _send_at_once(self, answer: WholeAnswer) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(_whole(answer))
+        if self._manager is not None:
+            self._manager.requests_count += 1
+        self._keepalive = True
+        self._keep_alive_until_idle()
+
+    def _keep_alive_until_idle(self) -> None:
+        """Close the connection if no request follows within the keep-alive timeout (as
+        aiohttp's own loop does after each answer)."""
+        close_time = self._loop.time() + self._keepalive_timeout
+        self._next_keepalive_close_time = close_time
+        if self._keepalive_handle is None:
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._counted:
@@ -660,10 +821,10 @@ class GatewayRequestHandler(web.RequestHandler):
                     if self.transport is not None:
                         self.transport.close()
                 return
-            close_time = loop.time() + self._keepalive_timeout
-            self._next_keepalive_close_time = close_time
-            if self._keepalive_handle is None:
-                self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
+            self._keep_alive_until_idle()
+            if self._clean_handoff and not messages:  # see data_received
+                self._clean_handoff = False
+                self._reading_heads = True
         if not self._force_close:
             await super().start()
 
@@ -772,6 +933,7 @@ class GatewaySite(web.BaseSite):
         handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
         handler_options: dict[str, object],
         max_connections: int,
+        at_once: Callable[[RequestHead], WholeAnswer | None] | None = None,
         shutdown_timeout: float,
         backlog: int = 128,
         reuse_port: bool = False,
@@ -782,6 +944,7 @@ class GatewaySite(web.BaseSite):
         self._reuse_port = reuse_port
         self._handler = handler
         self._handler_options = handler_options
+        self._at_once = at_once
         self._shutdown_timeout = shutdown_timeout
         self._manager: web.Server | None = None
         self.guard = ConnectionGuard(max_connections)
@@ -797,7 +960,8 @@ class GatewaySite(web.BaseSite):
 
         def connection() -> GatewayRequestHandler:
             return GatewayRequestHandler(
-                manager, guard=self.guard, loop=loop, **self._handler_options)
+                manager, guard=self.guard, at_once=self._at_once, loop=loop,
+                **self._handler_options)
 
         self._server = await loop.create_server(
             connection, self._host, self._port, backlog=self._backlog, reuse_address=True,
@@ -856,6 +1020,7 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, live.hup.set)
         site = GatewaySite(runner, host, port, handler=live.handle, handler_options=options,
+                           at_once=live.answer_at_once,
                            max_connections=config.server.max_connections,
                            shutdown_timeout=config.server.shutdown_timeout,
                            reuse_port=reuse_port)

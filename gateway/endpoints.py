@@ -22,6 +22,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Final
 from urllib.parse import quote, urlsplit
 
 import orjson
@@ -230,6 +231,53 @@ class RequestFacts:
 Handler = Callable[[web.BaseRequest, RequestFacts], Awaitable[web.StreamResponse]]
 
 
+@dataclass(slots=True)
+class RequestHead:
+    """A request without a body, without credentials, as the server itself read it
+    (``app.GatewayRequestHandler``): what :meth:`Gateway.answer_at_once` needs to refuse it
+    without aiohttp's request machinery. ``fields`` holds each header's values by lower-case
+    name; ``items`` the headers as sent."""
+
+    method: str
+    raw_path: str
+    items: list[tuple[str, str]]
+    fields: dict[str, list[str]]
+    remote: str
+    secure: bool
+
+    def get(self, name: str) -> str:
+        """The first value of the header named ``name`` (lower case), or ""."""
+        values = self.fields.get(name)
+        return values[0] if values else ""
+
+
+@dataclass(frozen=True, slots=True)
+class _AtOncePlan:
+    """What :meth:`Gateway.answer_at_once` decided for one distinct request head."""
+
+    facts: RequestFacts  # its outcome recorded; request_id "" (each request has its own)
+    route: str
+    target: str  # where to return after the login
+    redirect_uri: str | None  # a browser's redirect to the provider; None: the 401 JSON
+    headers: tuple[tuple[str, str], ...]  # the 401's, before X-Request-Id
+    body: bytes  # the 401's
+
+
+# Distinct request heads whose plan is kept (Gateway.answer_at_once): each at most
+# app._AT_ONCE_MAX bytes; past this many the memo starts over.
+_PLAN_MEMO = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class WholeAnswer:
+    """An answer decided at once: the server frames it (Content-Length, Date, Server)."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
 def _split_target(raw_target: str, host_header: str) -> tuple[str, str]:
     """Request target → (raw path, raw query). An absolute-form target (``GET http://x/ ``) is
     accepted only when its authority is the Host header, so routing and URL building use one
@@ -283,11 +331,18 @@ def _is_form_navigation(request: web.BaseRequest) -> bool:
 
 def _is_navigation(request: web.BaseRequest) -> bool:
     """A browser navigating (it can follow a redirect to the provider) rather than a script."""
-    return (
-        request.method in ("GET", "HEAD")
-        and _wants_html(request)
-        and request.headers.get("X-Requested-With", "").lower() != "xmlhttprequest"
-    )
+    headers = request.headers
+    return _navigates(request.method, headers.get("Accept", ""),
+                      headers.get("X-Requested-With", ""))
+
+
+def _navigates(method: str, accept: str, requested_with: str) -> bool:
+    return (method in ("GET", "HEAD") and "text/html" in accept
+            and requested_with.lower() != "xmlhttprequest")
+
+
+_UNAUTHENTICATED_HEADERS: Final = {
+    "Cache-Control": _NO_STORE, "WWW-Authenticate": 'Bearer realm="oidc-gateway"'}
 
 
 class Gateway:
@@ -374,6 +429,8 @@ class Gateway:
         self._memos: dict[int, dict[tuple[object, ...], object]] = {}
         # Cookie header -> the ticket in it (_ticket_of).
         self._tickets: dict[str, Ticket | None] = {}
+        # A request head without credentials -> its plan, or None (answer_at_once).
+        self._plans: dict[tuple[object, ...], _AtOncePlan | None] = {}
         # Routes with bearer: (API clients): their tokens' checks and introspection cache.
         self.bearer = BearerAuthenticator(config, idp, clock=clock)
 
@@ -419,9 +476,100 @@ class Gateway:
             response = self._error(request, error, request_id, facts)
         if not response.prepared:  # a streamed answer got it with its headers (_proxy)
             response.headers[REQUEST_ID_HEADER] = request_id
-        self._account(request, request_id, facts, response.status, route_name, own, error,
-                      time.perf_counter() - started)
+        self._account(request.method, request.remote, request_id, facts, response.status,
+                      route_name, own, error, time.perf_counter() - started)
         return response
+
+    def answer_at_once(self, head: RequestHead) -> WholeAnswer | None:
+        """The answer to a request without credentials on a protected route, when it needs no
+        I/O: the 401 of an API client, the redirect of a browser to the provider. None for
+        anything else (and before any side effect): :meth:`handle` answers it.
+
+        The server asks this before aiohttp parses the request (issue 7: a 401 through
+        aiohttp's request objects and :meth:`handle` cost 51 µs of CPU). The decisions are
+        :meth:`handle`'s own, through the same functions, made once per distinct head
+        (:meth:`_plan_at_once`); ``tests/integration/test_at_once.py`` holds the two paths'
+        answers to each other.
+        """
+        started = time.perf_counter()
+        key = (head.remote, head.secure, head.raw_path, *head.items)
+        try:
+            plan = self._plans[key]
+        except KeyError:
+            plan = self._plan_at_once(head)
+            if len(self._plans) >= _PLAN_MEMO:
+                self._plans.clear()
+            self._plans[key] = plan
+        if plan is None:
+            return None
+        request_id = self._request_id_of(head.fields.get("x-request-id"), head.remote)
+        if plan.redirect_uri is not None:
+            answer = self._redirect_at_once(plan, request_id)
+            if answer is None:
+                return None
+        else:
+            answer = WholeAnswer(401, "Unauthorized",
+                                 [*plan.headers, (REQUEST_ID_HEADER, request_id)], plan.body)
+        self._account(head.method, head.remote, request_id, plan.facts, answer.status,
+                      plan.route, False, None, time.perf_counter() - started)
+        return answer
+
+    def _plan_at_once(self, head: RequestHead) -> _AtOncePlan | None:
+        """What :meth:`handle` would decide for ``head``, when it is a login needed and
+        nothing of it depends on more than the head and the config; else None."""
+        try:
+            facts = self._facts_of(head.items, head.fields.get("host", []), head.raw_path,
+                                   secure=head.secure, remote=head.remote, request_id="")
+            path = facts.path
+            if (path in self.own or path == self.prefix
+                    or path.startswith(self.prefix + "/")):
+                return None
+            route = self._match_route(facts.host, path, head.method)
+        except RequestError:
+            return None
+        if route.auth == "public" or route.bearer is not None:
+            return None
+        access = authorize(
+            route, None, method=head.method, client_ip=facts.forwarded.client_ip,
+            default_policy=self.config.default_policy,
+            groups_claim=self.config.provider.claims.groups,
+        )
+        if not access.login_needed:
+            return None
+        facts.outcome.record(route.auth, access)
+        target = self._target_of(facts)
+        navigation = _navigates(head.method, head.get("accept"), head.get("x-requested-with"))
+        if login_style(route, navigation=navigation) == "redirect":
+            redirect_uri = self._redirect_uri(facts)
+            try:
+                self._check_cookie_reach(facts, redirect_uri)
+            except RequestError:
+                return None
+            return _AtOncePlan(facts, route.name, target, redirect_uri, (), b"")
+        headers = (*_UNAUTHENTICATED_HEADERS.items(),
+                   ("Content-Type", "application/json; charset=utf-8"))
+        if any("\r" in value or "\n" in value for _, value in headers):
+            return None  # handle() refuses to send it (security note 8)
+        body = orjson.dumps(self._unauthenticated_json(facts, target))
+        return _AtOncePlan(facts, route.name, target, None, headers, body)
+
+    def _redirect_at_once(self, plan: _AtOncePlan, request_id: str) -> WholeAnswer | None:
+        """:meth:`_begin_login` for a browser without a binding cookie, when nothing waits:
+        the provider is loaded, the store answered a moment ago, the state fits the URL."""
+        if (not self.idp.ready or plan.redirect_uri is None
+                or time.monotonic() - self._store_answered_at >= _STORE_CHECK_EVERY):
+            return None
+        login, blob, binding = self._new_login(plan.target, None)
+        state = encode_login_blob(blob)
+        if len(state) > _INLINE_STATE_CHARS:
+            return None
+        location, cookie = self._login_redirect(login, state, binding, plan.redirect_uri)
+        if "\r" in location or "\n" in location:
+            return None  # handle() refuses to send it (security note 8)
+        return WholeAnswer(302, "Found", [
+            ("Location", location), ("Cache-Control", _NO_STORE), ("Set-Cookie", cookie),
+            (REQUEST_ID_HEADER, request_id),
+        ], b"")
 
     @staticmethod
     def _expects_continue(request: web.BaseRequest) -> bool:
@@ -446,17 +594,19 @@ class Gateway:
 
     def _request_id(self, request: web.BaseRequest) -> str:
         """A trusted proxy's X-Request-Id when it is a safe id, else a new one."""
-        trusted = self.config.server.trusted_proxies
-        if not trusted or REQUEST_ID_HEADER not in request.headers:
+        if REQUEST_ID_HEADER not in request.headers:
             return new_request_id()
-        sent = request.headers.getall(REQUEST_ID_HEADER)
+        return self._request_id_of(request.headers.getall(REQUEST_ID_HEADER), request.remote)
+
+    def _request_id_of(self, sent: Sequence[str] | None, remote: str | None) -> str:
+        trusted = self.config.server.trusted_proxies
+        if not trusted or not sent:
+            return new_request_id()
         return request_id(
-            sent[0] if len(sent) == 1 else None,
-            trusted=peer_trusted(request.remote or "", trusted),
-        )
+            sent[0] if len(sent) == 1 else None, trusted=peer_trusted(remote or "", trusted))
 
     def _account(
-        self, request: web.BaseRequest, request_id: str, facts: RequestFacts | None,
+        self, method: str, remote: str | None, request_id: str, facts: RequestFacts | None,
         status: int, route: str, own: bool, error: RequestError | None, elapsed: float,
     ) -> None:
         """Metrics, the audit line (one per access decision) and the access line of a request.
@@ -476,7 +626,7 @@ class Gateway:
             return
         fields = {
             "request_id": request_id,
-            "method": request.method,
+            "method": method,
             "host": facts.host if facts else None,
             "path": facts.path if facts else None,
             "status": status,
@@ -484,7 +634,7 @@ class Gateway:
             "decision": decision,
             "user": outcome.user,
             "auth": outcome.auth,
-            "client_ip": facts.forwarded.client_ip if facts else request.remote,
+            "client_ip": facts.forwarded.client_ip if facts else remote,
             "duration_ms": round(elapsed * 1000, 2),
         }
         if settings.audit_log and decision in AUDITED:
@@ -497,24 +647,32 @@ class Gateway:
             log_info(access_log, "request", {**fields, "reason": reason})
 
     def _facts(self, request: web.BaseRequest, request_id: str) -> RequestFacts:
+        return self._facts_of(
+            list(request.headers.items()), request.headers.getall("Host", ()),
+            request.raw_path, secure=request.secure, remote=request.remote,
+            request_id=request_id)
+
+    def _facts_of(
+        self, items: list[tuple[str, str]], hosts: Sequence[str], raw_target: str, *,
+        secure: bool, remote: str | None, request_id: str,
+    ) -> RequestFacts:
         server = self.config.server
-        items = list(request.headers.items())
         check_header_limits(
             items, max_count=server.max_header_count, max_bytes=server.max_header_bytes
         )
         # RFC 9112 3.2: more than one Host is a 400. aiohttp's parser refuses it today; checked
         # here too because routing and URL building must rest on exactly one authority.
-        if len(request.headers.getall("Host", ())) > 1:
+        if len(hosts) > 1:
             raise BadRequest("the request has more than one Host header")
-        host_header = request.headers.get("Host", "")
+        host_header = hosts[0] if hosts else ""
         host = authority_host(host_header)
         if host is None:
             raise BadRequest("the Host header is missing or malformed")
-        raw_path, raw_query = _split_target(request.raw_path, host_header)
+        raw_path, raw_query = _split_target(raw_target, host_header)
         path = normalize_path(raw_path)
-        scheme = "https" if request.secure else "http"
+        scheme = "https" if secure else "http"
         forwarded = forwarded_facts(
-            peer_ip=request.remote or "",
+            peer_ip=remote or "",
             headers=items,
             trusted=server.trusted_proxies,
             scheme=scheme,
@@ -1026,12 +1184,12 @@ class Gateway:
                 request_id=facts.request_id, kind="sign_in",
                 headers={"WWW-Authenticate": 'Bearer realm="oidc-gateway"'},
             )
+        return _json_answer(self._unauthenticated_json(facts, target), status=401,
+                            headers=_UNAUTHENTICATED_HEADERS)
+
+    def _unauthenticated_json(self, facts: RequestFacts, target: str) -> dict[str, str]:
         login_url = f"{self._callback_origin(facts)}{self.prefix}/start?rd={quote(target, safe='')}"
-        return _json_answer(
-            {"error": "unauthenticated", "login_url": login_url},
-            status=401,
-            headers={"Cache-Control": _NO_STORE, "WWW-Authenticate": 'Bearer realm="oidc-gateway"'},
-        )
+        return {"error": "unauthenticated", "login_url": login_url}
 
     def _callback_origin(self, facts: RequestFacts) -> str:
         return self.config.server.public_url or facts.origin
@@ -1064,17 +1222,9 @@ class Gateway:
     async def _begin_login(
         self, request: web.BaseRequest, facts: RequestFacts, target: str
     ) -> web.StreamResponse:
-        if not self.idp.ready:
-            raise ProviderUnavailable(
-                "The sign-in service cannot be reached right now. Try again in a minute."
-            )
-        redirect_uri = self._redirect_uri(facts)
-        self._check_cookie_reach(facts, redirect_uri)
+        redirect_uri = self._login_preflight(facts)
         await self._check_store_for_login()
-        binding = self._binding(request) or self.token_bytes(_BINDING_BYTES)
-        login = new_login_state(target=target, now=self.clock(), token_bytes=self.token_bytes)
-        blob = seal_login_state(login, binding=binding, key=self.keys[0],
-                                token_bytes=self.token_bytes)
+        login, blob, binding = self._new_login(target, self._binding(request))
         state = encode_login_blob(blob)
         if len(state) > _INLINE_STATE_CHARS:
             # A long return URL (a dashboard's whole view in its query) would make the
@@ -1082,23 +1232,49 @@ class Gateway:
             # the store and sends a short reference.
             state = f"{_STORED_STATE_PREFIX}{login.state}"
             await self.store.set(f"l:{state}", blob, self.login_ttl)
-        login = dataclasses.replace(login, state=state)
-        location = self.idp.authorization_url(login, redirect_uri)
+        location, cookie = self._login_redirect(login, state, binding, redirect_uri)
         response = web.Response(status=302, headers={"Location": location,
                                                      "Cache-Control": _NO_STORE})
+        response.headers.add("Set-Cookie", cookie)
+        return response
+
+    def _login_preflight(self, facts: RequestFacts) -> str:
+        """The redirect URI of a login that can start here; raises when none can."""
+        if not self.idp.ready:
+            raise ProviderUnavailable(
+                "The sign-in service cannot be reached right now. Try again in a minute."
+            )
+        redirect_uri = self._redirect_uri(facts)
+        self._check_cookie_reach(facts, redirect_uri)
+        return redirect_uri
+
+    def _new_login(self, target: str, binding: bytes | None) -> tuple[LoginState, bytes, bytes]:
+        """A new login's state, its sealed blob and the browser binding it is sealed under
+        (the browser's own, else a new one)."""
+        binding = binding or self.token_bytes(_BINDING_BYTES)
+        login = new_login_state(target=target, now=self.clock(), token_bytes=self.token_bytes)
+        blob = seal_login_state(login, binding=binding, key=self.keys[0],
+                                token_bytes=self.token_bytes)
+        return login, blob, binding
+
+    def _login_redirect(
+        self, login: LoginState, state: str, binding: bytes, redirect_uri: str
+    ) -> tuple[str, str]:
+        """The provider URL of a login sent as ``state``, and its binding cookie."""
+        location = self.idp.authorization_url(
+            dataclasses.replace(login, state=state), redirect_uri)
         # One binding cookie per browser, shared by every login started in it, so logins in
         # parallel tabs all succeed; each login state is sealed under it (bound to the browser).
-        self._set_cookie(
-            response,
-            self.login_cookie,
-            base64.urlsafe_b64encode(binding).decode().rstrip("="),
+        cookie = set_cookie(
+            self.login_cookie, base64.urlsafe_b64encode(binding).decode().rstrip("="),
             max_age=max(1, math.ceil(self.login_ttl)),
             # "/" and not the prefix: a login may start on any path (the protected page itself),
             # and the browser must send the cookie there to reuse it. It never reaches the
             # upstream: the gateway's own cookies are stripped from every forwarded request.
-            path="/",
+            path="/", domain=self.cookie.domain, secure=self.cookie.secure,
+            samesite=self.cookie.samesite.capitalize(),
         )
-        return response
+        return location, cookie
 
     async def _check_store_for_login(self) -> None:
         """Raise SessionStoreError (503) when the store is down: a sign-in's callback needs it
