@@ -288,6 +288,15 @@ class Live:
             else:  # set it the moment the provider has loaded
                 await asyncio.wait({loader}, timeout=1.0)
 
+    async def keep_store_checked(self) -> None:
+        """``Gateway.keep_store_checked`` of the current Gateway, every tenth of a second."""
+        while True:
+            await asyncio.sleep(0.1)
+            try:
+                await self.current.gateway.keep_store_checked()
+            except Exception:  # a bug; sign-ins then ask the store themselves, as before
+                log.exception("the store check for sign-ins failed")
+
     # ------------------------------------------------------------------ reload
 
     async def watch(self, source: ConfigSource) -> None:
@@ -1042,6 +1051,7 @@ async def serve(
             a_host, a_port = parse_listen(admin.listen)
             await web.TCPSite(admin_runner, a_host, a_port, reuse_port=reuse_port).start()
         tasks.append(asyncio.create_task(live.keep_gauges(), name="gauges"))
+        tasks.append(asyncio.create_task(live.keep_store_checked(), name="store-check"))
         if source is not None:
             tasks.append(asyncio.create_task(live.watch(source), name="config-watch"))
         if worker is not None:

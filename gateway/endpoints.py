@@ -139,6 +139,9 @@ _STORED_STATE_PREFIX = "r."
 _CLOCK_SKEW = 60.0
 # The store is checked for a sign-in at most this often (while it keeps answering).
 _STORE_CHECK_EVERY = 0.5
+# While a sign-in was started within this many seconds, the check is kept fresh in the
+# background (Gateway.keep_store_checked).
+_SIGN_INS_RECENT = 60.0
 _NO_STORE = "no-store"
 # The gateway's own pages (sign-out confirmation, errors) are never framed: a framed
 # "Sign out" button is a clickjacking target.
@@ -367,6 +370,8 @@ class Gateway:
         self.session_cache = session_cache
         # When the store last answered a sign-in's check (_check_store_for_login).
         self._store_answered_at = -math.inf
+        # When this process last started a sign-in (keep_store_checked).
+        self._sign_in_at = -math.inf
         # The signed identity assertion's keys; None when no route has assertion: true.
         self.assertion_keys = assertion_keys
         # Each route's identity headers (headers:, merged with the route's own), by name.
@@ -556,9 +561,11 @@ class Gateway:
     def _redirect_at_once(self, plan: _AtOncePlan, request_id: str) -> WholeAnswer | None:
         """:meth:`_begin_login` for a browser without a binding cookie, when nothing waits:
         the provider is loaded, the store answered a moment ago, the state fits the URL."""
+        now = time.monotonic()
         if (not self.idp.ready or plan.redirect_uri is None
-                or time.monotonic() - self._store_answered_at >= _STORE_CHECK_EVERY):
+                or now - self._store_answered_at >= _STORE_CHECK_EVERY):
             return None
+        self._sign_in_at = now
         login, blob, binding = self._new_login(plan.target, None)
         state = encode_login_blob(blob)
         if len(state) > _INLINE_STATE_CHARS:
@@ -1223,6 +1230,7 @@ class Gateway:
         self, request: web.BaseRequest, facts: RequestFacts, target: str
     ) -> web.StreamResponse:
         redirect_uri = self._login_preflight(facts)
+        self._sign_in_at = time.monotonic()
         await self._check_store_for_login()
         login, blob, binding = self._new_login(target, self._binding(request))
         state = encode_login_blob(blob)
@@ -1276,7 +1284,24 @@ class Gateway:
         )
         return location, cookie
 
-    async def _check_store_for_login(self) -> None:
+    async def keep_store_checked(self) -> None:
+        """Ask the store before its last answer is too old for a sign-in, while sign-ins are
+        being started here (one within the last minute): the next one, even after a pause,
+        then waits for no round trip and is answered at once (issue 7: the check's round trip
+        at idle was a third of a login's first hop). Called every tenth of a second
+        (``Live.keep_store_checked``): about three PINGs a second while sign-ins come, none
+        when they do not. A failure leaves no answer: the next sign-in asks the store itself
+        (and gets its 503)."""
+        now = time.monotonic()
+        if (now - self._sign_in_at > _SIGN_INS_RECENT
+                or now - self._store_answered_at < _STORE_CHECK_EVERY / 2):
+            return
+        try:
+            await self._check_store_for_login(fresh_for=0.0)
+        except SessionStoreError:
+            self._store_answered_at = -math.inf
+
+    async def _check_store_for_login(self, *, fresh_for: float = _STORE_CHECK_EVERY) -> None:
         """Raise SessionStoreError (503) when the store is down: a sign-in's callback needs it
         (single use, the session), so nobody is sent to the provider for one that could not
         finish. A store that answered this check less than ``_STORE_CHECK_EVERY`` seconds ago,
@@ -1285,7 +1310,7 @@ class Gateway:
         PINGs, to every master of a Cluster. (A store that dies in that half second fails the
         callback instead, with the same 503.) The check is the session cache's shared ping
         when its subscription is live, else one PING."""
-        if time.monotonic() - self._store_answered_at < _STORE_CHECK_EVERY:
+        if time.monotonic() - self._store_answered_at < fresh_for:
             return
         cache = self.session_cache
         if cache is None or not await cache.confirmed():

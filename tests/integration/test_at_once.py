@@ -183,6 +183,7 @@ async def serving(provider: Any, **server: Any) -> AsyncIterator[Served]:
                        handler_options=server_options(config), at_once=at_once,
                        max_connections=config.server.max_connections, shutdown_timeout=1.0)
     await site.start()
+    store_check = asyncio.create_task(served.live.keep_store_checked())  # as serve() does
     try:
         for _ in range(500):  # up to 10 s for the provider's metadata: sign-ins can start
             if served.live.current.gateway.idp.ready:
@@ -192,6 +193,7 @@ async def serving(provider: Any, **server: Any) -> AsyncIterator[Served]:
             pytest.fail("the provider's metadata did not load")
         yield served
     finally:
+        store_check.cancel()
         await runner.cleanup()
         upstream.close()
 
@@ -360,6 +362,16 @@ async def test_browser_redirect_waits_for_a_fresh_store_check(served: Served) ->
 def bare(target: str) -> RequestHead:
     return RequestHead("GET", target, [("Host", "127.0.0.1")], {"host": ["127.0.0.1"]},
                        "127.0.0.1", False)
+
+
+async def test_a_sign_in_after_a_pause_starts_at_once(served: Served) -> None:
+    # The store check is renewed in the background while sign-ins come: after a pause longer
+    # than the check's half second, the next sign-in still waits for no store round trip.
+    data = head("/page", HTML)
+    assert (await served.ask(data)).status == 302  # asks the store itself
+    await asyncio.sleep(0.8)
+    assert (await served.ask(data)).status == 302
+    assert served.answered == ["/page"]
 
 
 async def test_plans_are_bounded(served: Served) -> None:

@@ -446,6 +446,29 @@ async def test_redis_down_means_503_never_a_pass(env: Env, redis_server_factory:
             assert r.status == 200
 
 
+async def test_redis_down_stops_new_sign_ins_within_half_a_second(
+    env: Env, redis_server_factory: Any
+) -> None:
+    # A sign-in's store check is reused for half a second and, while sign-ins come, renewed
+    # in the background: a store that stops answering must stop new sign-ins (503, not a
+    # redirect to a provider whose callback could not finish) once that half second is over.
+    server = redis_server_factory()
+    port = free_port()
+    gw = await env.start(env.config(port, store="redis", redis_url=server.url))
+    async with new_browser() as browser:
+        assert (await browser_login(browser, f"{gw.url}/")).status == 200
+    server.stop()
+    await asyncio.sleep(0.6)
+    for status in (503, 302):  # down, then back
+        async with (
+            new_browser() as browser,
+            browser.get(f"{gw.url}/next", headers=HTML, allow_redirects=False) as r,
+        ):
+            assert r.status == status
+        if status == 503:
+            server.start()
+
+
 # ---------------------------------------------------------------------------------------------
 # Provider and upstream failures
 # ---------------------------------------------------------------------------------------------
