@@ -1,4 +1,5 @@
-"""Requests answered before aiohttp reads them (``Gateway.answer_at_once``, issue 7).
+"""Requests answered before aiohttp reads them (``Gateway.answer_at_once``, issue 7), and a
+login's return page decided before it is asked for (``Gateway._prepare_return``).
 
 A request without credentials on a protected route (the 401 of an API client, a browser's
 redirect to the provider) is answered by the server as soon as its head arrives, through a
@@ -26,7 +27,8 @@ from aiohttp import web
 
 from gateway.app import LIVE, GatewaySite, Live, create_app, server_options
 from gateway.config import Config, parse_config
-from gateway.endpoints import _PLAN_MEMO, RequestHead, WholeAnswer
+from gateway.endpoints import _PLAN_MEMO, RequestFacts, RequestHead, WholeAnswer, _KeptAccess
+from gateway.models import Identity, Session, TokenSet
 from tests.support.gateway_proc import free_port, gateway_config
 
 pytestmark = [pytest.mark.provider]
@@ -405,3 +407,57 @@ async def test_a_reload_replaces_the_plans(served: Served) -> None:
     assert await served.live.reload(_Source(parse_config(raw, {})), trigger="test")
     assert served.live.answer_at_once(bare("/n/1")) is None
     assert (await served.ask(head("/n/1", JSON))).status == 200
+
+
+# -- after a login: the page it returns to is decided before its request arrives -------------
+
+
+def login_facts(served: Served, host: str = "127.0.0.1") -> RequestFacts:
+    gateway = served.live.current.gateway
+    return gateway._facts_of([("Host", host)], [host], "/oauth2/callback", secure=False,
+                             remote="127.0.0.1", request_id="r1")
+
+
+def signed_in(groups: list[str]) -> Session:
+    identity = Identity(sub="s-alice", user="alice", email="alice@example.com",
+                        claims={"groups": groups})
+    return Session(identity, TokenSet("id", "at"), 0.0, 0.0, 3600.0, "https://op")
+
+
+async def test_a_login_decides_the_page_it_returns_to_as_the_page_would(
+    served: Served,
+) -> None:
+    gateway = served.live.current.gateway
+    session = signed_in(["eng"])
+    gateway._prepare_return(login_facts(served), "/office/plan?x=1", session)
+    memo = gateway._memos[id(session.identity)]
+    route = gateway.routes.match("127.0.0.1", "/office/plan", "GET")
+    assert route is not None
+    # What the page's own request computes (from a fresh memo, another identity object).
+    fresh = signed_in(["eng"])
+    expected = gateway._access(route, fresh.identity, "GET", "127.0.0.1")
+    kept = memo[("access", "office", "GET", "127.0.0.1")]
+    assert isinstance(kept, _KeptAccess)
+    assert (kept.forward, kept.login_needed, kept.decision) == (
+        expected.forward, expected.login_needed, expected.decision)
+    assert not expected.forward  # the office route admits only 10.0.0.0/8: no headers planned
+    assert ("headers", "office", None) not in memo
+
+    gateway._prepare_return(login_facts(served), "/page", session)
+    assert ("access", "app", "GET", "127.0.0.1") in memo
+    headers = memo[("headers", "app", None)]
+    assert isinstance(headers, tuple)
+    assert ("X-Forwarded-User", "alice") in headers
+    app = gateway.routes.match("127.0.0.1", "/page", "GET")
+    assert app is not None
+    assert list(headers) == gateway._planned_headers("r2", app, fresh.identity, None)
+
+
+@pytest.mark.parametrize("target", ["/public/x", "http://app.example/x", "/oauth2/start"])
+async def test_a_login_returning_elsewhere_decides_nothing_ahead(
+    served: Served, target: str
+) -> None:
+    gateway = served.live.current.gateway
+    session = signed_in(["eng"])
+    gateway._prepare_return(login_facts(served), target, session)
+    assert id(session.identity) not in gateway._memos
