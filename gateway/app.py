@@ -651,7 +651,8 @@ class _HeadReader:
 def _whole(answer: WholeAnswer) -> bytes:
     """An answer decided at once, framed as :meth:`GatewayRequestHandler._write_whole` frames
     a ``web.Response`` to an HTTP/1.1 keep-alive request (the headers in the same order).
-    ``Gateway.answer_at_once`` checked its header values for CR and LF."""
+    No value holds CR or LF: ``Gateway.answer_at_once`` sends constants, a request id (hex,
+    or a trusted proxy's checked one), a checked cookie and a provider URL it checked."""
     head = "".join([
         f"HTTP/1.1 {answer.status} {answer.reason}\r\n",
         *[f"{name}: {value}\r\n" for name, value in answer.headers],

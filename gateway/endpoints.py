@@ -534,11 +534,7 @@ class Gateway:
             return None
         if route.auth == "public" or route.bearer is not None:
             return None
-        access = authorize(
-            route, None, method=head.method, client_ip=facts.forwarded.client_ip,
-            default_policy=self.config.default_policy,
-            groups_claim=self.config.provider.claims.groups,
-        )
+        access = self._access(route, None, head.method, facts.forwarded.client_ip)
         if not access.login_needed:
             return None
         facts.outcome.record(route.auth, access)
@@ -553,8 +549,6 @@ class Gateway:
             return _AtOncePlan(facts, route.name, target, redirect_uri, (), b"")
         headers = (*_UNAUTHENTICATED_HEADERS.items(),
                    ("Content-Type", "application/json; charset=utf-8"))
-        if any("\r" in value or "\n" in value for _, value in headers):
-            return None  # handle() refuses to send it (security note 8)
         body = orjson.dumps(self._unauthenticated_json(facts, target))
         return _AtOncePlan(facts, route.name, target, None, headers, body)
 
