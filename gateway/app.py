@@ -742,7 +742,8 @@ class GatewayRequestHandler(web.RequestHandler):
             return None
 
     def _head_of(self, heads: _HeadReader, data: bytes) -> RequestHead | None:
-        if (self._force_close or self._close or len(data) > _AT_ONCE_MAX
+        # Writing paused: a client that does not read its answers waits in start().
+        if (self._force_close or self._close or self.writing_paused or len(data) > _AT_ONCE_MAX
                 or not data.startswith(b"GET ") or data.find(b"\r\n\r\n") != len(data) - 4
                 or not data.isascii()):
             return None
@@ -832,6 +833,13 @@ class GatewayRequestHandler(web.RequestHandler):
                         self.transport.close()
                 return
             self._keep_alive_until_idle()
+            if self.writing_paused:
+                # A client that sends requests without reading the answers: take no more of
+                # them until it has (whole answers are written without waiting).
+                try:
+                    await self._drain_helper()
+                except ConnectionError:
+                    return
             if self._clean_handoff and not messages:  # see data_received
                 self._clean_handoff = False
                 self._reading_heads = True

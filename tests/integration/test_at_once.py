@@ -16,6 +16,7 @@ import asyncio
 import copy
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -112,6 +113,7 @@ class Served:
     answered: list[str] = field(default_factory=list)  # targets answered at once
 
     raw: dict[str, Any] = field(default_factory=dict)  # the config
+    site: Any = None  # the GatewaySite
 
     async def ask(self, data: bytes, *, split: bool = False) -> Answer:
         conn = await Conn.open(self.port)
@@ -185,6 +187,7 @@ async def serving(provider: Any, **server: Any) -> AsyncIterator[Served]:
                        handler_options=server_options(config), at_once=at_once,
                        max_connections=config.server.max_connections, shutdown_timeout=1.0)
     await site.start()
+    served.site = site
     store_check = asyncio.create_task(served.live.keep_store_checked())  # as serve() does
     try:
         for _ in range(500):  # up to 10 s for the provider's metadata: sign-ins can start
@@ -461,3 +464,27 @@ async def test_a_login_returning_elsewhere_decides_nothing_ahead(
     session = signed_in(["eng"])
     gateway._prepare_return(login_facts(served), target, session)
     assert id(session.identity) not in gateway._memos
+
+
+async def test_a_client_that_reads_no_answers_is_not_answered_into_memory(
+    served: Served,
+) -> None:
+    # 40,000 requests (17 MB of answers) sent without reading a byte back: once the answers
+    # back up, the gateway takes no more requests until they are read, so its unsent answers
+    # stay bounded (they used to pile up in memory, as much as the client sent for).
+    _, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    batch = head("/flood", JSON) * 100
+    largest = 0
+    try:
+        for _ in range(400):
+            writer.write(batch)
+        for _ in range(150):  # 3 s of the gateway working through them
+            await asyncio.sleep(0.02)
+            manager = served.site._manager
+            for handler in manager.connections if manager is not None else []:
+                if handler.transport is not None:
+                    largest = max(largest, handler.transport.get_write_buffer_size())
+    finally:
+        writer.transport.abort()
+    assert 0 < largest < 1024 * 1024
