@@ -17,7 +17,7 @@ import copy
 import logging
 import re
 import socket
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +27,10 @@ import pytest
 from aiohttp import web
 
 from gateway.app import LIVE, GatewaySite, Live, create_app, server_options
-from gateway.config import Config, parse_config
+from gateway.config import parse_config
 from gateway.endpoints import _PLAN_MEMO, RequestFacts, RequestHead, WholeAnswer, _KeptAccess
 from gateway.models import Identity, Session, TokenSet
+from tests.support.config_source import FixedSource
 from tests.support.gateway_proc import free_port, gateway_config
 
 pytestmark = [pytest.mark.provider]
@@ -387,27 +388,12 @@ async def test_plans_are_bounded(served: Served) -> None:
     assert 0 < len(served.live.current.gateway._plans) <= _PLAN_MEMO
 
 
-class _Source:
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
-    @property
-    def name(self) -> str:
-        return "test"
-
-    def load(self) -> Config:
-        return self.config
-
-    def fingerprint(self) -> Hashable:
-        return id(self.config)
-
-
 async def test_a_reload_replaces_the_plans(served: Served) -> None:
     assert (await served.ask(head("/n/1", JSON))).status == 401
     assert served.answered == ["/n/1"]
     raw = copy.deepcopy(served.raw)
     raw["routes"][-1]["auth"] = "public"  # the catch-all route: no sign-in any more
-    assert await served.live.reload(_Source(parse_config(raw, {})), trigger="test")
+    assert await served.live.reload(FixedSource(parse_config(raw, {})), trigger="test")
     assert served.live.answer_at_once(bare("/n/1")) is None
     assert (await served.ask(head("/n/1", JSON))).status == 200
 

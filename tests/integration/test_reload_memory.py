@@ -13,32 +13,15 @@ import copy
 import gc
 import time
 import weakref
-from collections.abc import Hashable
 from typing import Any
 
 import pytest
 from aiohttp import web
 
 from gateway.app import LIVE, create_app
-from gateway.config import Config, parse_config
+from gateway.config import parse_config
+from tests.support.config_source import FixedSource
 from tests.support.gateway_proc import free_port, gateway_config
-
-
-class _Source:
-    """A config source that hands out one config (cli.py's reads a file)."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
-    @property
-    def name(self) -> str:
-        return "test"
-
-    def load(self) -> Config:
-        return self.config
-
-    def fingerprint(self) -> Hashable:
-        return id(self.config)
 
 
 @pytest.mark.provider
@@ -59,7 +42,7 @@ async def test_each_reload_frees_the_config_it_replaces(oidc_provider: Any) -> N
             edited = copy.deepcopy(base)
             edited["routes"][1]["allow"] = {"groups": ["admins", group]}  # a route change only
             replaced.append(weakref.ref(live.current.gateway))
-            assert await live.reload(_Source(parse_config(edited, {})), trigger="test")
+            assert await live.reload(FixedSource(parse_config(edited, {})), trigger="test")
         serving = live.current.gateway
         # The first is the one app[GATEWAY] keeps (the gateway built at start-up); every
         # gateway a reload built and a later reload replaced is gone once retired.
