@@ -296,6 +296,7 @@ class Live:
                 await self.current.gateway.keep_store_checked()
             except Exception:  # a bug; sign-ins then ask the store themselves, as before
                 log.exception("the store check for sign-ins failed")
+                await asyncio.sleep(10)  # one line per bug, not ten a second
 
     # ------------------------------------------------------------------ reload
 
