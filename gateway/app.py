@@ -598,8 +598,7 @@ class _HeadReader:
     of an HTTP/1.1 keep-alive GET without body or credentials (:class:`RequestHead`); None
     for anything else, which aiohttp's parser then reads."""
 
-    __slots__ = ("done", "fields", "handoff", "items", "kept_get", "parser", "remote", "secure",
-                 "url")
+    __slots__ = ("done", "handoff", "items", "kept_get", "parser", "remote", "secure", "url")
 
     def __init__(self, remote: str, secure: bool) -> None:
         self.remote = remote
@@ -607,23 +606,16 @@ class _HeadReader:
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.items: list[tuple[str, str]] = []
-        self.fields: dict[str, list[str]] = {}
         self.done = self.handoff = self.kept_get = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        key, text = name.decode("ascii"), value.decode("ascii")
-        self.items.append((key, text))
-        lower = key.lower()
-        if lower in _HAND_OFF:
+        key = name.decode("ascii")
+        self.items.append((key, value.decode("ascii")))
+        if key.lower() in _HAND_OFF:
             self.handoff = True
-        values = self.fields.get(lower)
-        if values is None:
-            self.fields[lower] = [text]
-        else:
-            values.append(text)
 
     def on_headers_complete(self) -> None:
         # Read here: once the message is complete the parser is ready for the next one.
@@ -637,7 +629,7 @@ class _HeadReader:
     def read(self, data: bytes) -> RequestHead | None:
         """``data`` must be ASCII and hold exactly one request head."""
         self.url = b""
-        self.items, self.fields = [], {}
+        self.items = []
         self.done = self.handoff = self.kept_get = False
         try:
             self.parser.feed_data(data)
@@ -645,8 +637,7 @@ class _HeadReader:
             return None
         if not self.done or self.handoff or not self.kept_get:
             return None
-        return RequestHead("GET", self.url.decode("ascii"), self.items, self.fields,
-                           self.remote, self.secure)
+        return RequestHead("GET", self.url.decode("ascii"), self.items, self.remote, self.secure)
 
 
 def _whole(answer: WholeAnswer) -> bytes:

@@ -238,20 +238,21 @@ Handler = Callable[[web.BaseRequest, RequestFacts], Awaitable[web.StreamResponse
 class RequestHead:
     """A request without a body, without credentials, as the server itself read it
     (``app.GatewayRequestHandler``): what :meth:`Gateway.answer_at_once` needs to refuse it
-    without aiohttp's request machinery. ``fields`` holds each header's values by lower-case
-    name; ``items`` the headers as sent."""
+    without aiohttp's request machinery. ``items``: the headers as sent."""
 
     method: str
     raw_path: str
     items: list[tuple[str, str]]
-    fields: dict[str, list[str]]
     remote: str
     secure: bool
 
+    def getall(self, name: str) -> list[str]:
+        """The values of the header named ``name`` (lower case), in order."""
+        return [value for key, value in self.items if key.lower() == name]
+
     def get(self, name: str) -> str:
         """The first value of the header named ``name`` (lower case), or ""."""
-        values = self.fields.get(name)
-        return values[0] if values else ""
+        return next((value for key, value in self.items if key.lower() == name), "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,7 +508,9 @@ class Gateway:
             self._plans[key] = plan
         if plan is None:
             return None
-        request_id = self._request_id_of(head.fields.get("x-request-id"), head.remote)
+        # Only a trusted proxy's X-Request-Id is ever used (_request_id_of).
+        sent = head.getall("x-request-id") if self.config.server.trusted_proxies else None
+        request_id = self._request_id_of(sent, head.remote)
         if plan.redirect_uri is not None:
             answer = self._redirect_at_once(plan, request_id)
             if answer is None:
@@ -523,13 +526,11 @@ class Gateway:
         """What :meth:`handle` would decide for ``head``, when it is a login needed and
         nothing of it depends on more than the head and the config; else None."""
         try:
-            facts = self._facts_of(head.items, head.fields.get("host", []), head.raw_path,
+            facts = self._facts_of(head.items, head.getall("host"), head.raw_path,
                                    secure=head.secure, remote=head.remote, request_id="")
-            path = facts.path
-            if (path in self.own or path == self.prefix
-                    or path.startswith(self.prefix + "/")):
+            if self._own_path(facts.path):
                 return None
-            route = self._match_route(facts.host, path, head.method)
+            route = self._match_route(facts.host, facts.path, head.method)
         except RequestError:
             return None
         if route.auth == "public" or route.bearer is not None:
@@ -978,12 +979,21 @@ class Gateway:
     def _set_cookie(
         self, response: web.StreamResponse, name: str, value: str, *, max_age: int, path: str
     ) -> None:
-        response.headers.add("Set-Cookie", set_cookie(
+        response.headers.add("Set-Cookie", self._cookie(name, value, max_age=max_age, path=path))
+
+    def _cookie(self, name: str, value: str, *, max_age: int, path: str) -> str:
+        """A ``Set-Cookie`` value with the configured domain, Secure and SameSite."""
+        return set_cookie(
             name, value, max_age=max_age, path=path, domain=self.cookie.domain,
             secure=self.cookie.secure, samesite=self.cookie.samesite.capitalize(),
-        ))
+        )
 
     # ------------------------------------------------------------------ proxy
+
+    def _own_path(self, path: str) -> bool:
+        """Whether :meth:`handle` answers ``path`` itself (an endpoint, or a 404 under the
+        prefix) rather than a route."""
+        return path in self.own or path == self.prefix or path.startswith(self.prefix + "/")
 
     def _match_route(self, host: str, path: str, method: str) -> RouteConfig:
         """The route serving ``method`` ``path`` on ``host``: NotFound without one; BadRequest
@@ -1187,7 +1197,7 @@ class Gateway:
             return  # a full URL: another origin (public_url), another host's route
         try:
             path = normalize_path(target.partition("?")[0])
-            if path in self.own or path.startswith(self.prefix + "/"):
+            if self._own_path(path):
                 return  # the gateway's own endpoint, no route's page
             route = self._match_route(facts.host, path, "GET")
         except RequestError:
@@ -1303,14 +1313,13 @@ class Gateway:
             dataclasses.replace(login, state=state), redirect_uri)
         # One binding cookie per browser, shared by every login started in it, so logins in
         # parallel tabs all succeed; each login state is sealed under it (bound to the browser).
-        cookie = set_cookie(
+        cookie = self._cookie(
             self.login_cookie, base64.urlsafe_b64encode(binding).decode().rstrip("="),
             max_age=max(1, math.ceil(self.login_ttl)),
             # "/" and not the prefix: a login may start on any path (the protected page itself),
             # and the browser must send the cookie there to reuse it. It never reaches the
             # upstream: the gateway's own cookies are stripped from every forwarded request.
-            path="/", domain=self.cookie.domain, secure=self.cookie.secure,
-            samesite=self.cookie.samesite.capitalize(),
+            path="/",
         )
         return location, cookie
 

@@ -366,8 +366,7 @@ async def test_browser_redirect_waits_for_a_fresh_store_check(served: Served) ->
 
 
 def bare(target: str) -> RequestHead:
-    return RequestHead("GET", target, [("Host", "127.0.0.1")], {"host": ["127.0.0.1"]},
-                       "127.0.0.1", False)
+    return RequestHead("GET", target, [("Host", "127.0.0.1")], "127.0.0.1", False)
 
 
 async def test_a_sign_in_after_a_pause_starts_at_once(served: Served) -> None:
