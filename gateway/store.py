@@ -768,9 +768,19 @@ class RedisStore:
     async def set_new_indexed(
         self, key: str, value: bytes, ttl: float, index: Sequence[IndexEntry]
     ) -> bool:
-        # A pipeline, not a transaction: the keys may live on different Cluster nodes, and
-        # each command stands alone (as set_new and index_put do). On a Cluster, redis-py
-        # sends each node its commands.
+        if not isinstance(self._client, RedisCluster):
+            # One script, one command: a pipeline of four cost redis-py 0.2 ms more of CPU in
+            # a login's callback at idle (issue 7), and Redis four commands instead of one.
+            args: list[bytes | str | int] = [value, _px(ttl)]
+            for entry in index:
+                args += [entry.member, entry.value, _px(entry.ttl)]
+            done = await self._call("SET NX + index HSET", self._client.eval(
+                _NEW_INDEXED_LUA, 1 + len(index), self._key(key),
+                *(self._key(entry.key) for entry in index), *args))
+            return bool(done)
+        # On a Cluster the keys may live on different nodes: a pipeline, not a transaction
+        # (each command stands alone, as set_new and index_put do), and redis-py sends each
+        # node its commands.
         pipe = self._client.pipeline(transaction=False)
         pipe.set(self._key(key), value, px=_px(ttl), nx=True)
         for entry in index:
@@ -832,6 +842,22 @@ class RedisStore:
 
 _DELETE_IF_LUA: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# set_new_indexed on one server: KEYS[1] the session, ARGV[1..2] its value and PX; then per
+# index KEYS[i] (i >= 2) its member, value and PX at ARGV[3i-3..3i-1], put as _INDEX_PUT_LUA
+# puts one, whether or not the session key was taken (the store's contract).
+_NEW_INDEXED_LUA: Final = """
+local stored = redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
+for i = 2, #KEYS do
+  local a = 3 * i - 3
+  redis.call('HSET', KEYS[i], ARGV[a], ARGV[a + 1])
+  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[a + 2]) then
+    redis.call('PEXPIRE', KEYS[i], ARGV[a + 2])
+  end
+end
+if stored then return 1 end
 return 0
 """
 

@@ -270,6 +270,31 @@ async def test_set_new_indexed_stores_once_and_lists_the_member(harness: Harness
     assert await store.index_get("x:sid:op-1") == {"sess-1": b"late"}
 
 
+async def test_set_new_indexed_gives_each_key_its_ttl(harness: Harness) -> None:
+    """The session key lives as long as the session; an index lives as long as its longest
+    entry: a new entry extends a shorter index and never shortens a longer one."""
+    store = harness.store
+    await store.index_put("x:sub:long", "older", b"o", 900)
+    await store.index_put("x:sub:short", "older", b"o", 5)
+    assert await store.set_new_indexed("s:ttl", b"sealed", 60, [
+        IndexEntry("x:sub:long", "new", b"n", 300), IndexEntry("x:sub:short", "new", b"n", 300),
+        IndexEntry("x:sub:fresh", "new", b"n", 300)])
+    if harness.clock is not None:
+        harness.clock.now += 61
+        assert await store.get("s:ttl") is None
+        harness.clock.now += 240  # 301 s: every index past 300 s is gone but the longest
+        assert await store.index_get("x:sub:short") == {}
+        assert await store.index_get("x:sub:fresh") == {}
+        assert await store.index_get("x:sub:long") != {}
+        return
+    assert harness.raw is not None
+    pttl = harness.raw.pttl
+    assert 59_000 < await pttl(harness.prefix + "s:ttl") <= 60_000
+    assert 899_000 < await pttl(harness.prefix + "x:sub:long") <= 900_000
+    assert 299_000 < await pttl(harness.prefix + "x:sub:short") <= 300_000
+    assert 299_000 < await pttl(harness.prefix + "x:sub:fresh") <= 300_000
+
+
 async def test_set_new_indexed_with_no_index_is_set_new(harness: Harness) -> None:
     assert await harness.store.set_new_indexed("s:alone", b"v", 60, [])
     assert not await harness.store.set_new_indexed("s:alone", b"w", 60, [])
