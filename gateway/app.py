@@ -24,6 +24,7 @@ import functools
 import gc
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -591,6 +592,11 @@ _AT_ONCE_MAX: Final = 4096
 # an expectation, a protocol switch.
 _HAND_OFF: Final = frozenset({
     "cookie", "authorization", "content-length", "transfer-encoding", "expect", "upgrade"})
+# The commonest of them, found before httptools reads the head: a browser's signed-in request
+# (and a login's callback) then goes to aiohttp's parser straight away instead of being
+# parsed twice (0.05 ms of a callback at idle, issue 7). Only an early way out: _HeadReader
+# still checks every name of _HAND_OFF.
+_CREDENTIALS: Final = re.compile(rb"\r\n(?:cookie|authorization):", re.IGNORECASE)
 
 
 class _HeadReader:
@@ -737,7 +743,7 @@ class GatewayRequestHandler(web.RequestHandler):
         # Writing paused: a client that does not read its answers waits in start().
         if (self._force_close or self._close or self.writing_paused or len(data) > _AT_ONCE_MAX
                 or not data.startswith(b"GET ") or data.find(b"\r\n\r\n") != len(data) - 4
-                or not data.isascii()):
+                or not data.isascii() or _CREDENTIALS.search(data) is not None):
             return None
         return heads.read(data)
 

@@ -270,6 +270,8 @@ async def test_a_trusted_proxy_sets_origin_and_request_id_alike(oidc_provider: A
 NOT_AT_ONCE = {
     "session cookie": (head("/page", HTML, "Cookie: _oidc_gateway=abc"), 302),
     "any cookie": (head("/page", JSON, "Cookie: theme=dark"), 401),
+    "cookie, any case": (head("/page", JSON, "cOOKIE: theme=dark"), 401),
+    "authorization, any case": (head("/page", JSON, "AUTHORIZATION: Bearer x"), 401),
     "authorization": (head("/page", JSON, "Authorization: Bearer x"), 401),
     "HEAD": (head("/page", JSON, method="HEAD"), 401),
     "POST": (head("/page", JSON, "Content-Length: 0", method="POST"), 401),
