@@ -95,6 +95,7 @@ from gateway.routing import (
 )
 from gateway.session_cache import SESSION_KEY_PREFIX, SessionCache
 from gateway.sessions import (
+    SealingKey,
     SessionInvalid,
     decode_login_blob,
     decode_ticket,
@@ -108,8 +109,9 @@ from gateway.sessions import (
     new_ticket,
     open_login_state,
     pack_session,
-    seal,
     seal_login_state,
+    seal_with,
+    sealing_key,
     session_end_reason,
     store_ttl,
     touched,
@@ -435,6 +437,7 @@ class Gateway:
         self._memos: dict[int, dict[tuple[object, ...], object]] = {}
         # Cookie header -> the ticket in it (_ticket_of).
         self._tickets: dict[str, Ticket | None] = {}
+        self._spare_ticket: tuple[Ticket, SealingKey] | None = None
         # A request head without credentials -> its plan, or None (answer_at_once).
         self._plans: dict[tuple[object, ...], _AtOncePlan | None] = {}
         # Routes with bearer: (API clients): their tokens' checks and introspection cache.
@@ -947,7 +950,7 @@ class Gateway:
 
     async def _save(
         self, ticket: Ticket, session: Session, now: float, *,
-        index: Sequence[IndexEntry] | None = None,
+        index: Sequence[IndexEntry] | None = None, sealing: SealingKey | None = None,
     ) -> None:
         """Seal and store ``session``. With ``index`` (a login): a session id never used
         before, stored only if absent, with its index entries in the same round trip; no
@@ -958,10 +961,9 @@ class Gateway:
         key = _session_key(ticket.session_id)
         cache = self.session_cache if index is not None else None
         token = cache.begin(key, read=False) if cache is not None else None
-        blob = seal(
+        blob = seal_with(
+            sealing or sealing_key(self.keys[0], ticket.secret),
             pack_session(session),
-            key=self.keys[0],
-            secret=ticket.secret,
             aad=key.encode(),
             nonce_bytes=self.token_bytes(12),
         )
@@ -1185,6 +1187,22 @@ class Gateway:
                        "cut": "; ".join(plan.trimmed)},
             )
         return list(plan.headers)
+
+    def _new_ticket(self) -> tuple[Ticket, SealingKey]:
+        """A new session's ticket and sealing key: the spare one made after the last login's
+        answer was written (each is taken once), else a new one."""
+        spare, self._spare_ticket = self._spare_ticket, None
+        if spare is not None:
+            return spare
+        ticket = new_ticket(self.token_bytes)
+        return ticket, sealing_key(self.keys[0], ticket.secret)
+
+    def _make_spare_ticket(self) -> None:
+        """After a login's answer: the next login's ticket and sealing key, made while nothing
+        waits for them (issue 7: 0.1 ms less of the next callback at idle)."""
+        if self._spare_ticket is None:
+            ticket = new_ticket(self.token_bytes)
+            self._spare_ticket = (ticket, sealing_key(self.keys[0], ticket.secret))
 
     def _prepare_return(self, facts: RequestFacts, target: str, session: Session) -> None:
         """After a login's answer is written: the policy's answer and the identity headers
@@ -1479,7 +1497,7 @@ class Gateway:
         old = self._ticket_of(request)
         if old is not None:
             await self.store.delete(_session_key(old.session_id))
-        ticket = new_ticket(self.token_bytes)
+        ticket, sealing = self._new_ticket()
         sid = claims.get("sid")
         session = Session(
             identity=identity,
@@ -1492,15 +1510,16 @@ class Gateway:
         )
         # The session and its index entries in one round trip to the store (one answer to
         # wait for: at idle each answer wakes a cold process, issue 7).
-        await self._save(ticket, session, now, index=self._index_entries(
+        await self._save(ticket, session, now, sealing=sealing, index=self._index_entries(
             ticket.session_id, session, request, client_ip=facts.forwarded.client_ip))
         # The access and audit lines' fast path: the same line, 0.06 ms less of a callback at
         # idle (issue 7).
         log_info(log, "login", {"request_id": facts.request_id, "user": identity.user,
                                 "session": short_hash(ticket.session_id)})
         # Runs once this task's turn has written the answer (app.GatewayRequestHandler).
-        asyncio.get_running_loop().call_soon(
-            self._prepare_return, facts, login.target, session)
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self._prepare_return, facts, login.target, session)
+        loop.call_soon(self._make_spare_ticket)
         response = web.Response(status=302, headers={
             "Location": login.target,
             "Cache-Control": _NO_STORE,

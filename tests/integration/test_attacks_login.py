@@ -306,6 +306,26 @@ async def test_a_planted_cookie_never_survives_login(world: World) -> None:
         assert (await status_with(world, fixed))[0] == 401
 
 
+async def test_every_login_gets_a_ticket_of_its_own(world: World) -> None:
+    """Logins one after another and at once: each session cookie has its own id and secret
+    and opens its own session (a login's ticket is made ahead, after the login before it)."""
+
+    async def login() -> str:
+        async with new_browser() as browser:
+            result = await browser_login(browser, f"{world.url}/")
+            assert result.status == 200
+            value = cookie_value(browser, COOKIE)
+            assert value
+            return value
+
+    tickets = [await login() for _ in range(3)]
+    tickets += await asyncio.gather(*(login() for _ in range(3)))
+    assert len({t.split(".")[0] for t in tickets}) == len(tickets)
+    assert len({t.split(".")[1] for t in tickets}) == len(tickets)
+    for ticket in tickets:
+        assert await status_with(world, ticket) == (200, "alice")
+
+
 # ---------------------------------------------------------------------------------------------
 # sign-out: logout CSRF
 # ---------------------------------------------------------------------------------------------

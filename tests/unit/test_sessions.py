@@ -36,6 +36,8 @@ from gateway.sessions import (
     parse_key,
     seal,
     seal_login_state,
+    seal_with,
+    sealing_key,
     session_end_reason,
     session_key_id,
     store_ttl,
@@ -98,6 +100,19 @@ def test_session_invalid_is_a_401_with_its_own_reason() -> None:
 def test_seal_unseal_roundtrip(plaintext: bytes) -> None:
     blob = seal(plaintext, key=KEY_OLD, secret=SECRET, aad=AAD, nonce_bytes=NONCE)
     assert unseal(blob, keys=[KEY_OLD], secret=SECRET, aad=AAD) == plaintext
+
+
+def test_a_key_derived_ahead_seals_what_seal_seals() -> None:
+    ahead = sealing_key(KEY_OLD, SECRET)
+    blob = seal_with(ahead, b"session", aad=AAD, nonce_bytes=NONCE)
+    assert blob == seal(b"session", key=KEY_OLD, secret=SECRET, aad=AAD, nonce_bytes=NONCE)
+    assert unseal(blob, keys=[KEY_OLD], secret=SECRET, aad=AAD) == b"session"
+    other = seal_with(sealing_key(KEY_OLD, b"another secret"), b"session", aad=AAD,
+                      nonce_bytes=NONCE)
+    with pytest.raises(SessionInvalid):
+        unseal(other, keys=[KEY_OLD], secret=SECRET, aad=AAD)
+    with pytest.raises(ValueError, match="12 bytes"):
+        seal_with(ahead, b"session", aad=AAD, nonce_bytes=b"n" * 11)
 
 
 def test_blob_layout_and_no_plaintext_leak() -> None:
