@@ -26,7 +26,12 @@ from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.connection import (
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
@@ -36,6 +41,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from gateway.config import SessionConfig
 from gateway.errors import SessionStoreError
 from gateway.models import IndexEntry
+from gateway.redis_lane import LaneAddress, RedisLane
 
 __all__ = ["MemoryStore", "RedisStore", "SessionStore", "store_from_config"]
 
@@ -433,8 +439,10 @@ class RedisStore:
         redact: Sequence[str] = (),
         sentinel: Sentinel | None = None,
         tls_ca_file: str | None = None,
+        lane: RedisLane | None = None,
     ) -> None:
         self._client = client
+        self._lane = lane
         self._tls_ca_file = tls_ca_file
         self._name = name
         self._prefix = prefix
@@ -520,6 +528,7 @@ class RedisStore:
             deadline=connect_timeout + command_timeout,
             redact=redact,
             tls_ca_file=tls_ca_file,
+            lane=_lane_of(client),
         )
 
     @classmethod
@@ -762,7 +771,12 @@ class RedisStore:
 
     async def set_new(self, key: str, value: bytes, ttl: float) -> bool:
         px = _px(ttl)
-        done = await self._call("SET NX", self._client.set(self._key(key), value, px=px, nx=True))
+        if self._lane is not None:  # a login's single-use mark (gateway/redis_lane.py)
+            done = await self._call("SET NX", self._lane.call(
+                "SET", self._key(key), value, "PX", px, "NX"))
+        else:
+            done = await self._call("SET NX", self._client.set(
+                self._key(key), value, px=px, nx=True))
         return bool(done)
 
     async def set_new_indexed(
@@ -774,9 +788,13 @@ class RedisStore:
             args: list[bytes | str | int] = [value, _px(ttl)]
             for entry in index:
                 args += [entry.member, entry.value, _px(entry.ttl)]
-            done = await self._call("SET NX + index HSET", self._client.eval(
-                _NEW_INDEXED_LUA, 1 + len(index), self._key(key),
-                *(self._key(entry.key) for entry in index), *args))
+            keys = [self._key(key), *(self._key(entry.key) for entry in index)]
+            if self._lane is not None:
+                done = await self._call("SET NX + index HSET", self._lane.call(
+                    "EVAL", _NEW_INDEXED_LUA, len(keys), *keys, *args))
+            else:
+                done = await self._call("SET NX + index HSET", self._client.eval(
+                    _NEW_INDEXED_LUA, len(keys), *keys, *args))
             return bool(done)
         # On a Cluster the keys may live on different nodes: a pipeline, not a transaction
         # (each command stands alone, as set_new and index_put do), and redis-py sends each
@@ -821,6 +839,8 @@ class RedisStore:
             await self._call("PING", self._client.ping())
 
     async def close(self) -> None:
+        if self._lane is not None:
+            await self._lane.close()
         if self._master_check is not None:
             self._master_check.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -867,6 +887,18 @@ local left = redis.call('PTTL', KEYS[1])
 if left < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return 1
 """
+
+
+def _lane_of(client: Redis) -> RedisLane | None:
+    """The lean connection for the hottest commands, for a plain TCP or Unix-socket server
+    (what redis-py's pool connects to, with the same credentials, database and name); None
+    for TLS, whose set-up stays redis-py's."""
+    pool = client.connection_pool
+    kind = pool.connection_class
+    if kind is Connection or kind is UnixDomainSocketConnection:
+        return RedisLane(LaneAddress.of_pool(
+            dict(pool.connection_kwargs), unix=kind is UnixDomainSocketConnection))
+    return None
 
 
 def _px(ttl: float) -> int:

@@ -1,0 +1,188 @@
+"""The session store's lean connection (gateway/redis_lane.py) against a real redis-server.
+
+``set_new`` (a login's single-use mark, a refresh lock) and ``set_new_indexed`` (a login's new
+session) go through it on a plain TCP or Unix-socket server: with the server's password and
+database, many callers at once, a frozen, restarted or stopped server, and error replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvloop
+from redis.asyncio import Redis
+
+from gateway.errors import SessionStoreError
+from gateway.models import IndexEntry
+from gateway.store import RedisStore
+from tests.integration.test_store import RedisServer
+from tests.support.peers import free_port
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server with a password, which a test may freeze, restart or stop."""
+    own = RedisServer(tmp_path, password="lane-" + secrets.token_hex(8))
+    own.start()
+    try:
+        yield own
+    finally:
+        own.stop()
+
+
+def url_with_db(server: RedisServer, db: int) -> str:
+    return server.url.rsplit("/", 1)[0] + f"/{db}"
+
+
+async def test_commands_reach_the_configured_database_with_the_password(
+    server: RedisServer,
+) -> None:
+    store = RedisStore.from_url(url_with_db(server, 3), prefix="lane:")
+    raw = Redis(port=server.port, password=server.password, db=3)
+    try:
+        assert await store.set_new("l:used:a", b"1", 60)
+        assert not await store.set_new("l:used:a", b"2", 60)
+        assert await store.set_new_indexed(
+            "s:one", b"sealed", 60, [IndexEntry("x:sub:alice", "one", b"meta", 600)])
+        assert await raw.get("lane:l:used:a") == b"1"
+        assert await raw.get("lane:s:one") == b"sealed"
+        assert await raw.hgetall("lane:x:sub:alice") == {b"one": b"meta"}
+        assert await store.get("s:one") == b"sealed"  # the same data through redis-py
+        # The lane's connection carries the gateway's client name, like redis-py's.
+        clients = await raw.client_list()
+        assert sum(c["name"] == "oidc-gateway" for c in clients) >= 1
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+async def test_concurrent_callers_each_get_their_own_answer(server: RedisServer) -> None:
+    """Replies come back in the order asked: 300 callers at once, half of them on keys already
+    taken, each told exactly its own outcome."""
+    store = RedisStore.from_url(server.url, prefix="many:")
+    try:
+        taken = [f"l:used:{i}" for i in range(0, 300, 2)]
+        await asyncio.gather(*(store.set_new(key, b"first", 60) for key in taken))
+        keys = [f"l:used:{i}" for i in range(300)]
+        results = await asyncio.gather(*(store.set_new(key, b"again", 60) for key in keys))
+        assert results == [i % 2 == 1 for i in range(300)]
+        # Exactly one of many racing for the same key wins.
+        race = await asyncio.gather(*(store.set_new("l:race", b"x", 60) for _ in range(50)))
+        assert race.count(True) == 1
+    finally:
+        await store.close()
+
+
+async def test_an_error_reply_is_a_store_error_naming_the_operation(
+    server: RedisServer,
+) -> None:
+    store = RedisStore.from_url(server.url, prefix="err:")
+    raw = Redis(port=server.port, password=server.password)
+    try:
+        await raw.set("err:x:sub:bob", b"not a hash")  # the script's HSET meets a string
+        with pytest.raises(SessionStoreError, match=r"SET NX \+ index HSET.*WRONGTYPE"):
+            await store.set_new_indexed(
+                "s:two", b"sealed", 60, [IndexEntry("x:sub:bob", "two", b"meta", 600)])
+        assert await store.set_new("l:after", b"1", 60)  # the connection is still good
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+async def test_a_wrong_password_fails_closed_without_the_password(server: RedisServer) -> None:
+    wrong = "wrong-" + secrets.token_hex(8)
+    store = RedisStore.from_url(f"redis://:{wrong}@127.0.0.1:{server.port}/0")
+    try:
+        with pytest.raises(SessionStoreError) as info:
+            await store.set_new("l:used:x", b"1", 60)
+        assert f"127.0.0.1:{server.port}" in str(info.value)
+        assert wrong not in str(info.value)
+    finally:
+        await store.close()
+
+
+async def test_a_frozen_server_fails_within_the_deadline_and_answers_stay_matched(
+    server: RedisServer,
+) -> None:
+    """A caller that stops waiting leaves the connection: the answer it leaves behind never
+    reaches the next caller."""
+    store = RedisStore.from_url(server.url, prefix="frozen:", command_timeout=0.3)
+    try:
+        assert await store.set_new("l:warm", b"1", 60)
+        server.freeze()
+        try:
+            started = time.monotonic()
+            with pytest.raises(SessionStoreError, match=f"127.0.0.1:{server.port}"):
+                await store.set_new("l:during", b"1", 60)
+            assert time.monotonic() - started < 1.5
+        finally:
+            server.thaw()
+        fresh = f"l:fresh-{secrets.token_hex(4)}"
+        assert await store.set_new(fresh, b"1", 60)
+        assert not await store.set_new(fresh, b"1", 60)
+        assert not await store.set_new("l:warm", b"1", 60)
+    finally:
+        await store.close()
+
+
+async def test_a_restart_is_invisible_and_a_stopped_server_fails_fast(
+    server: RedisServer,
+) -> None:
+    store = RedisStore.from_url(server.url, prefix="restart:")
+    try:
+        assert await store.set_new("l:before", b"1", 60)
+        server.stop()
+        server.start()
+        assert await store.set_new("l:before", b"1", 60)  # the old key is gone, no error
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(SessionStoreError, match="SET NX"):
+            await store.set_new("l:down", b"1", 60)
+        assert time.monotonic() - started < 2.0
+        server.start()
+        assert await store.set_new("l:down", b"1", 60)
+    finally:
+        await store.close()
+
+
+async def test_a_unix_socket_server_is_served_too() -> None:
+    # A short directory: a Unix socket's path is limited to about 100 bytes.
+    with tempfile.TemporaryDirectory(prefix="lane") as workdir:
+        sock = Path(workdir) / "redis.sock"
+        own = RedisServer(Path(workdir), unixsocket=sock)
+        own.port = free_port()
+        own.start()
+        store = RedisStore.from_url(f"unix://{sock}?db=2", prefix="unix:")
+        raw = Redis(unix_socket_path=str(sock), db=2)
+        try:
+            assert await store.set_new("l:used:u", b"1", 60)
+            assert not await store.set_new("l:used:u", b"1", 60)
+            assert await raw.get("unix:l:used:u") == b"1"
+        finally:
+            await raw.aclose()
+            await store.close()
+            own.stop()
+
+
+def test_under_uvloop_as_the_gateway_runs(server: RedisServer) -> None:
+    """The gateway serves on uvloop, whose transports are not asyncio's own classes."""
+
+    async def scenario() -> list[bool]:
+        store = RedisStore.from_url(server.url, prefix="uvloop:")
+        try:
+            return list(await asyncio.gather(
+                store.set_new("l:one", b"1", 60), store.set_new("l:one", b"1", 60),
+                store.set_new_indexed("s:uv", b"sealed", 60,
+                                      [IndexEntry("x:sub:uv", "uv", b"meta", 600)])))
+        finally:
+            await store.close()
+
+    assert uvloop.run(scenario()) == [True, False, True]
