@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import hiredis
 from redis.exceptions import ResponseError
 
-__all__ = ["LaneAddress", "RedisLane"]
+__all__ = ["LaneAddress", "LaneSubscriber", "RedisLane"]
 
 Arg = bytes | str | int
 
@@ -71,18 +72,24 @@ class _Protocol(asyncio.Protocol):
         self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        # Subscribed (LaneSubscriber): what Redis sends when no caller waits (messages, pongs).
+        self.pushed: Callable[[Any], None] | None = None
+        self.lost: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream connection (uvloop's transports are not asyncio.Transport subclasses).
         self.transport = cast(asyncio.Transport, transport)
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.write(packed)
+        self.waiters.append(waiter)
+        return waiter
+
+    def write(self, packed: bytes) -> None:
         if self.closed or self.transport is None:
             raise ConnectionError("the connection to Redis is closed")
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
         self.transport.write(packed)
-        return waiter
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
@@ -91,7 +98,10 @@ class _Protocol(asyncio.Protocol):
         try:
             while (reply := reader.gets()) is not False:
                 if not waiters:
-                    raise hiredis.ProtocolError("Redis sent an answer nobody asked for")
+                    if self.pushed is None:
+                        raise hiredis.ProtocolError("Redis sent an answer nobody asked for")
+                    self.pushed(reply)
+                    continue
                 waiter = waiters.popleft()
                 if not waiter.done():  # else its caller stopped waiting (and closes us)
                     waiter.set_result(reply)
@@ -115,6 +125,8 @@ class _Protocol(asyncio.Protocol):
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(exc)
+        if self.lost is not None:
+            self.lost()
 
 
 class RedisLane:
@@ -168,30 +180,109 @@ class RedisLane:
             return protocol
 
     async def _connect(self) -> _Protocol:
-        address = self.address
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(address.connect_timeout):
-            if address.path is not None:
-                _, protocol = await loop.create_unix_connection(_Protocol, address.path)
-            else:
-                _, protocol = await loop.create_connection(
-                    _Protocol, address.host or "localhost", address.port)
+        return await _connect(self.address)
+
+
+async def _connect(address: LaneAddress) -> _Protocol:
+    """A connection to ``address`` that has sent AUTH, SELECT and the client name and had
+    them accepted, within the address's connect timeout."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(address.connect_timeout):
+        if address.path is not None:
+            _, protocol = await loop.create_unix_connection(_Protocol, address.path)
+        else:
+            _, protocol = await loop.create_connection(
+                _Protocol, address.host or "localhost", address.port)
+        try:
+            hello: list[tuple[Arg, ...]] = []
+            if address.password is not None:
+                hello.append(("AUTH", address.username, address.password)
+                             if address.username else ("AUTH", address.password))
+            if address.db:
+                hello.append(("SELECT", address.db))
+            if address.client_name:
+                hello.append(("CLIENT", "SETNAME", address.client_name))
+            replies = await asyncio.gather(
+                *(protocol.send(_pack(command)) for command in hello))
+        except BaseException:
+            protocol.close()
+            raise
+    for reply in replies:
+        if isinstance(reply, hiredis.ReplyError):
+            protocol.close()
+            raise ResponseError(str(reply))
+    return protocol
+
+
+class LaneSubscriber:
+    """One subscribed connection, for the session cache's invalidations
+    (gateway/session_cache.py): a ping is written at once, and messages and pongs come out of
+    :meth:`get_message` in the order Redis sent them, as redis-py's PubSub gives them
+    (``{"type": "message" | "pong" | "subscribe", "data": ...}``). redis-py's took ~0.25 ms of
+    CPU per confirmation ping in a process idle for a few milliseconds (issue 7).
+
+    Never reconnects: a lost connection makes :meth:`get_message` raise ``ConnectionError``,
+    and the session cache starts over with a new subscriber.
+    """
+
+    def __init__(self, address: LaneAddress) -> None:
+        self.address = address
+        self._protocol: _Protocol | None = None
+        self._messages: collections.deque[Any] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def subscribe(self, channel: str) -> None:
+        if self._protocol is not None:
+            raise RuntimeError("already subscribed")
+        protocol = self._protocol = await _connect(self.address)
+        protocol.pushed = self._pushed
+        protocol.lost = self._wake
+        protocol.write(_pack(("SUBSCRIBE", channel)))
+
+    async def ping(self, token: bytes = b"") -> None:
+        self.send_ping(token)
+
+    def send_ping(self, token: bytes = b"") -> None:
+        """Write ``PING token``; its ``pong`` comes out of :meth:`get_message`."""
+        if self._protocol is None:
+            raise ConnectionError("not subscribed")
+        self._protocol.write(_pack(("PING", token)))
+
+    def lost(self) -> bool:
+        """Whether the connection is known to be gone (then every use of it fails)."""
+        return self._protocol is not None and self._protocol.closed
+
+    async def get_message(self, seconds: float) -> dict[str, Any] | None:
+        """The next message or pong, None when none came within ``seconds``."""
+        if not self._messages:
+            if self.lost():
+                raise ConnectionError("the subscription's connection to Redis was lost")
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
             try:
-                hello: list[tuple[Arg, ...]] = []
-                if address.password is not None:
-                    hello.append(("AUTH", address.username, address.password)
-                                 if address.username else ("AUTH", address.password))
-                if address.db:
-                    hello.append(("SELECT", address.db))
-                if address.client_name:
-                    hello.append(("CLIENT", "SETNAME", address.client_name))
-                replies = await asyncio.gather(
-                    *(protocol.send(_pack(command)) for command in hello))
-            except BaseException:
-                protocol.close()
-                raise
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
-                protocol.close()
-                raise ResponseError(str(reply))
-        return protocol
+                async with asyncio.timeout(seconds):
+                    await waiter
+            except TimeoutError:
+                return None
+            finally:
+                self._waiter = None
+            if not self._messages:
+                raise ConnectionError("the subscription's connection to Redis was lost")
+        reply = self._messages.popleft()
+        if isinstance(reply, hiredis.ReplyError):
+            raise ResponseError(str(reply))
+        if not isinstance(reply, list) or len(reply) < 2 or not isinstance(reply[0], bytes):
+            raise ConnectionError(f"Redis sent a subscriber something unexpected: {reply!r:.80}")
+        return {"type": reply[0].decode("ascii", "replace"), "data": reply[-1]}
+
+    async def aclose(self) -> None:
+        if self._protocol is not None:
+            self._protocol.close()
+
+    def _pushed(self, reply: Any) -> None:
+        self._messages.append(reply)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)

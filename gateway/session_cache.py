@@ -48,9 +48,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from gateway.config import SessionConfig
 from gateway.errors import SessionStoreError
 from gateway.models import IndexEntry, Session
@@ -68,12 +65,31 @@ ALIVE_FOR: Final = 0.9
 RETRY_EVERY: Final = 0.5
 
 
+class Subscriber(Protocol):
+    """One subscribed connection (the store's :meth:`gateway.store.RedisStore.pubsub`)."""
+
+    async def subscribe(self, channel: str) -> None: ...
+
+    async def ping(self, token: bytes = b"") -> None: ...
+
+    async def get_message(self, seconds: float) -> dict[str, Any] | None:
+        """The next message, pong or subscription (``{"type": ..., "data": ...}``), None when
+        none came within ``seconds``; raises when the connection is lost."""
+        ...
+
+    def lost(self) -> bool:
+        """Whether the connection is known to be closed (asked on every use of the cache)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
 class Bus(Protocol):
     """The pub/sub side of the Redis store (:class:`gateway.store.RedisStore`)."""
 
     async def publish(self, channel: str, message: bytes) -> None: ...
 
-    def pubsub(self) -> Any: ...
+    def pubsub(self) -> Subscriber: ...
 
     def channel(self, name: str) -> str: ...
 
@@ -135,12 +151,11 @@ class SessionCache:
         self._loading: dict[str, object] = {}
         # Monotonic time of the subscription's last sign of life; -inf while not subscribed.
         self._alive_at = -float("inf")
-        # Whether the subscription's socket has seen the server close it. Asked on every use,
-        # so a Redis that just went away stops the cache before the listener task even runs.
-        self._closed: Callable[[], bool] | None = None
         # The subscribed connection (None while there is none), and the confirmations
         # (confirmed()): requests waiting for the next ping, and pings awaiting their pong.
-        self._pubsub: Any = None
+        # Whether its socket has seen the server close it is asked on every use, so a Redis
+        # that just went away stops the cache before the listener task even runs.
+        self._pubsub: Subscriber | None = None
         self._pending: _Batch | None = None
         self._in_flight: dict[bytes, _Batch] = {}
         self._sequence = 0
@@ -158,8 +173,8 @@ class SessionCache:
     def usable(self) -> bool:
         if self._bus is None:
             return True
-        closed = self._closed
-        if closed is not None and closed():
+        pubsub = self._pubsub
+        if pubsub is not None and pubsub.lost():
             return False
         return self._clock() - self._alive_at < ALIVE_FOR
 
@@ -276,7 +291,7 @@ class SessionCache:
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 
-    async def _send_ping(self, pubsub: Any, token: bytes) -> None:
+    async def _send_ping(self, pubsub: Subscriber, token: bytes) -> None:
         try:
             await pubsub.ping(token)
         except Exception:  # the listener sees the broken connection too
@@ -334,33 +349,19 @@ class SessionCache:
                         extra={"error": type(exc).__name__},
                     )
             finally:
-                self._closed = None
                 self._pubsub = None
                 self._settle_all()
                 self._set_alive(-float("inf"))
                 self.clear()
                 with contextlib.suppress(Exception):
-                    # Not back into the pool with no retries: a fresh connection next time.
-                    if pubsub.connection is not None:
-                        await pubsub.connection.disconnect()
-                        if hasattr(pubsub, "own_retry"):
-                            pubsub.connection.retry = pubsub.own_retry
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # a fresh connection next time
             await asyncio.sleep(RETRY_EVERY)
 
-    async def _listen(self, pubsub: Any) -> None:
+    async def _listen(self, pubsub: Subscriber) -> None:
+        # The subscriber never reconnects by itself (messages sent meanwhile would be lost
+        # without a word): a lost connection surfaces here at once (the cache is dropped,
+        # then a new subscription made).
         await asyncio.wait_for(pubsub.subscribe(self.channel), ALIVE_FOR)
-        # redis-py would quietly reconnect and resubscribe after a lost connection, and the
-        # messages sent meanwhile would be lost without a word. No retries on this connection:
-        # a lost connection surfaces here at once (the cache is dropped, then resubscribed).
-        # (The pool's retry is put back before the connection returns to the pool, in run.)
-        pubsub.own_retry = pubsub.connection.retry
-        pubsub.connection.retry = Retry(NoBackoff(), 0)
-        # redis-py keeps the asyncio StreamReader private; without it, the ping timer alone
-        # notices a closed connection (within ALIVE_FOR).
-        reader = getattr(pubsub.connection, "_reader", None)
-        at_eof = getattr(reader, "at_eof", None)
-        self._closed = at_eof if callable(at_eof) else None
         self._pubsub = pubsub
         # Messages sent before the subscription took effect are lost: start from nothing.
         self.clear()
@@ -371,7 +372,7 @@ class SessionCache:
             if now - pinged >= PING_EVERY:
                 await asyncio.wait_for(pubsub.ping(), ALIVE_FOR)
                 pinged = now
-            message = await pubsub.get_message(timeout=PING_EVERY)
+            message = await pubsub.get_message(PING_EVERY)
             if message is None:
                 if self._clock() - max(self._alive_at, started) >= ALIVE_FOR:
                     # Pings unanswered: a connection that went silent. Start over.

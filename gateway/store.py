@@ -25,6 +25,7 @@ from typing import Any, Final, Protocol, cast, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import (
     Connection,
@@ -34,14 +35,14 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from gateway.config import SessionConfig
 from gateway.errors import SessionStoreError
 from gateway.models import IndexEntry
-from gateway.redis_lane import LaneAddress, RedisLane
+from gateway.redis_lane import LaneAddress, LaneSubscriber, RedisLane
 
 __all__ = ["MemoryStore", "RedisStore", "SessionStore", "store_from_config"]
 
@@ -748,10 +749,12 @@ class RedisStore:
     async def publish(self, channel: str, message: bytes) -> None:
         await self._call("PUBLISH", self._client.publish(channel, message))
 
-    def pubsub(self) -> Any:
-        """A new subscriber connection (redis-py PubSub; the session cache is not used on a
-        Cluster, see session_cache.with_cache)."""
-        return self._client.pubsub()
+    def pubsub(self) -> LaneSubscriber | _PubSub:
+        """A new subscriber connection (the session cache is not used on a Cluster, see
+        session_cache.with_cache): the lean one where the lane serves, else redis-py's."""
+        if self._lane is not None:
+            return LaneSubscriber(self._lane.address)
+        return _PubSub(self._client.pubsub())
 
     async def get(self, key: str) -> bytes | None:
         value = await self._call("GET", self._client.get(self._key(key)))
@@ -887,6 +890,51 @@ local left = redis.call('PTTL', KEYS[1])
 if left < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return 1
 """
+
+
+class _PubSub:
+    """redis-py's PubSub as the session cache's subscriber (TLS, Sentinel)."""
+
+    def __init__(self, pubsub: PubSub) -> None:
+        self._pubsub = pubsub
+        self._at_eof: Callable[[], bool] | None = None
+        self._own_retry: Retry | None = None
+
+    async def subscribe(self, channel: str) -> None:
+        pubsub = self._pubsub
+        await pubsub.subscribe(channel)
+        connection = pubsub.connection
+        if connection is None:
+            raise RedisConnectionError("the subscription has no connection")
+        # redis-py would quietly reconnect and resubscribe after a lost connection, and the
+        # messages sent meanwhile would be lost without a word. No retries on this connection
+        # (the pool's own retry is put back before the connection returns to the pool).
+        self._own_retry = connection.retry
+        connection.retry = Retry(NoBackoff(), 0)
+        # redis-py keeps the asyncio StreamReader private; without it, the ping timer alone
+        # notices a closed connection (within session_cache.ALIVE_FOR).
+        at_eof = getattr(getattr(connection, "_reader", None), "at_eof", None)
+        self._at_eof = at_eof if callable(at_eof) else None
+
+    async def ping(self, token: bytes = b"") -> None:
+        await self._pubsub.ping(token or None)
+
+    async def get_message(self, seconds: float) -> dict[str, Any] | None:
+        message: dict[str, Any] | None = await self._pubsub.get_message(timeout=seconds)
+        return message
+
+    def lost(self) -> bool:
+        return self._at_eof is not None and self._at_eof()
+
+    async def aclose(self) -> None:
+        # Not back into the pool with no retries: a fresh connection next time.
+        connection = self._pubsub.connection
+        if connection is not None:
+            await connection.disconnect()
+            if self._own_retry is not None:
+                connection.retry = self._own_retry
+        pubsub: Any = self._pubsub  # redis-py's aclose() is untyped
+        await pubsub.aclose()
 
 
 def _lane_of(client: Redis) -> RedisLane | None:

@@ -186,3 +186,34 @@ def test_under_uvloop_as_the_gateway_runs(server: RedisServer) -> None:
             await store.close()
 
     assert uvloop.run(scenario()) == [True, False, True]
+
+
+async def test_a_subscriber_hears_messages_and_pongs_in_order(server: RedisServer) -> None:
+    """What the session cache relies on: a pong comes after every message published before
+    its ping; a lost connection is noticed at once."""
+    store = RedisStore.from_url(url_with_db(server, 2), prefix="sub:")
+    raw = Redis(port=server.port, password=server.password)
+    subscriber = store.pubsub()
+    try:
+        channel = store.channel("invalidate")
+        await subscriber.subscribe(channel)
+        first = await subscriber.get_message(1.0)
+        assert first is not None
+        assert first["type"] == "subscribe"
+        assert await subscriber.get_message(0.05) is None  # nothing more: None, not a hang
+        for i in range(3):
+            await raw.publish(channel, f"s:{i}")  # another client (pub/sub ignores the db)
+        await subscriber.ping(b"c1")
+        got = [await subscriber.get_message(1.0) for _ in range(4)]
+        assert got == [{"type": "message", "data": b"s:0"}, {"type": "message", "data": b"s:1"},
+                       {"type": "message", "data": b"s:2"}, {"type": "pong", "data": b"c1"}]
+        assert not subscriber.lost()
+        killed = await raw.client_kill_filter(_type="pubsub")
+        assert killed == 1
+        with pytest.raises(ConnectionError):
+            await subscriber.get_message(1.0)
+        assert subscriber.lost()
+    finally:
+        await subscriber.aclose()
+        await raw.aclose()
+        await store.close()
