@@ -260,6 +260,12 @@ class Live:
             if generation.retired and not generation.in_flight:
                 generation.idle.set()
 
+    def request_arrived(self) -> int | None:
+        """Bytes of a request with a cookie arrived: the session cache's early ping
+        (SessionCache.ping_early), whose mark the request's handler reads off its protocol."""
+        cache = self.current.gateway.session_cache
+        return cache.ping_early() if cache is not None else None
+
     def answer_at_once(self, head: RequestHead) -> WholeAnswer | None:
         """The current Gateway's answer to ``head`` when it needs no I/O (nothing awaits it,
         so no generation bookkeeping either)."""
@@ -676,12 +682,17 @@ class GatewayRequestHandler(web.RequestHandler):
 
     def __init__(
         self, manager: web.Server, *, guard: ConnectionGuard,
-        at_once: Callable[[RequestHead], WholeAnswer | None] | None = None, **kwargs: Any,
+        at_once: Callable[[RequestHead], WholeAnswer | None] | None = None,
+        arrived: Callable[[], int | None] | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._counted = False
         self._at_once = at_once
+        self._arrived = arrived
+        # The session cache's mark for the requests in the bytes last received (Live.
+        # request_arrived); None when they carried no cookie. Read by Gateway._open.
+        self.confirm_after: int | None = None
         self._heads: _HeadReader | None = None
         # Whether the requests come to _heads first (else aiohttp's parser reads them).
         self._reading_heads = False
@@ -728,6 +739,13 @@ class GatewayRequestHandler(web.RequestHandler):
             self._clean_handoff = head is not None
         else:
             self._clean_handoff = False
+        # A signed-in request: the session cache's confirmation ping leaves now, before the
+        # request is parsed (0.1 ms less of a page at idle, issue 7). Bytes without a cookie
+        # reset the mark, so that no request uses a ping sent before it arrived.
+        arrived = self._arrived
+        if arrived is not None:
+            self.confirm_after = (
+                arrived() if _CREDENTIALS.search(data) is not None else None)
         super().data_received(data)
 
     def _answer_at_once(self, head: RequestHead) -> WholeAnswer | None:
@@ -950,6 +968,7 @@ class GatewaySite(web.BaseSite):
         handler_options: dict[str, object],
         max_connections: int,
         at_once: Callable[[RequestHead], WholeAnswer | None] | None = None,
+        arrived: Callable[[], int | None] | None = None,
         shutdown_timeout: float,
         backlog: int = 128,
         reuse_port: bool = False,
@@ -961,6 +980,7 @@ class GatewaySite(web.BaseSite):
         self._handler = handler
         self._handler_options = handler_options
         self._at_once = at_once
+        self._arrived = arrived
         self._shutdown_timeout = shutdown_timeout
         self._manager: web.Server | None = None
         self.guard = ConnectionGuard(max_connections)
@@ -976,8 +996,8 @@ class GatewaySite(web.BaseSite):
 
         def connection() -> GatewayRequestHandler:
             return GatewayRequestHandler(
-                manager, guard=self.guard, at_once=self._at_once, loop=loop,
-                **self._handler_options)
+                manager, guard=self.guard, at_once=self._at_once, arrived=self._arrived,
+                loop=loop, **self._handler_options)
 
         self._server = await loop.create_server(
             connection, self._host, self._port, backlog=self._backlog, reuse_address=True,
@@ -1036,7 +1056,7 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, live.hup.set)
         site = GatewaySite(runner, host, port, handler=live.handle, handler_options=options,
-                           at_once=live.answer_at_once,
+                           at_once=live.answer_at_once, arrived=live.request_arrived,
                            max_connections=config.server.max_connections,
                            shutdown_timeout=config.server.shutdown_timeout,
                            reuse_port=reuse_port)

@@ -696,7 +696,9 @@ class Gateway:
         ticket = self._ticket_of(request)
         if ticket is None:
             return None
-        session = await self._open(ticket)
+        # The session cache's mark for this request's early ping (app.GatewayRequestHandler).
+        session = await self._open(
+            ticket, arrived=getattr(request.protocol, "confirm_after", None))
         if session is None:
             return None
         now = self.clock()
@@ -744,7 +746,9 @@ class Gateway:
         self._tickets[header] = ticket
         return ticket
 
-    async def _open(self, ticket: Ticket, *, fresh: bool = False) -> Session | None:
+    async def _open(
+        self, ticket: Ticket, *, fresh: bool = False, arrived: int | None = None,
+    ) -> Session | None:
         """Read and unseal the session of ``ticket``; None when absent or not opening.
 
         From this process's session cache when it holds the session (and may be trusted now,
@@ -756,7 +760,7 @@ class Gateway:
         if cache is not None and not fresh:
             # An entry is used only after Redis confirmed that nothing invalidated it since
             # this request arrived (SessionCache.confirmed); without one, no ping: the store.
-            if cache.holds(key) and await cache.confirmed():
+            if cache.holds(key) and await cache.confirmed(after=arrived):
                 entry = cache.lookup(key)
             if entry is not None:
                 session = cache.opened(entry, ticket.secret)

@@ -159,6 +159,8 @@ class SessionCache:
         self._pending: _Batch | None = None
         self._in_flight: dict[bytes, _Batch] = {}
         self._sequence = 0
+        # The newest ping (by sequence) whose pong came on the live subscription.
+        self._answered = 0
         self._sends: set[asyncio.Task[None]] = set()
         self.channel = bus.channel("invalidate") if bus is not None else ""
         self._hits = metrics.cache_hits if metrics else None
@@ -251,7 +253,20 @@ class SessionCache:
 
     # ------------------------------------------------------------------ confirmation
 
-    async def confirmed(self) -> bool:
+    def ping_early(self) -> int | None:
+        """A request that may use the cache has just arrived (its bytes, before they are
+        parsed): its confirmation ping leaves before it is read and decided (the requests
+        arriving in one event-loop turn share one, as in :meth:`confirmed`), so that the
+        pong is on its way meanwhile. Returns the mark to hand to :meth:`confirmed` for that
+        request (None when there is nothing to confirm: no subscription, nothing cached)."""
+        if self._bus is None or self._pubsub is None or not self._entries or not self.usable:
+            return None
+        if self._pending is None:
+            self._pending = _Batch()
+            asyncio.get_running_loop().call_soon(self._send_pending)
+        return self._sequence
+
+    async def confirmed(self, after: int | None = None) -> bool:
         """True once Redis has answered a ping sent after this call began; False when there
         is no live subscription (read the store instead). SessionStoreError when Redis does
         not answer within the store's deadline (a hung Redis: 503, as a read would).
@@ -267,10 +282,18 @@ class SessionCache:
             return False
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
-        batch = self._pending
+        batch = None
+        if after is not None and self._sequence > after:
+            # ``after``: ping_early's mark, taken when the request arrived. A ping sent since
+            # then serves it as well as one sent now: answered already, or still on its way.
+            if self._answered > after:
+                return True
+            batch = self._in_flight.get(b"c%d" % self._sequence)
         if batch is None:
-            batch = self._pending = _Batch()
-            loop.call_soon(self._send_pending)
+            batch = self._pending
+            if batch is None:
+                batch = self._pending = _Batch()
+                loop.call_soon(self._send_pending)
         batch.waiters.append(waiter)
         return await waiter
 
@@ -287,6 +310,14 @@ class SessionCache:
         self._in_flight[token] = batch
         loop = asyncio.get_running_loop()
         batch.timer = loop.call_later(self.deadline, self._expire, token)
+        send_now = getattr(pubsub, "send_ping", None)
+        if send_now is not None:  # the lean subscriber writes at once (gateway/redis_lane.py)
+            try:
+                send_now(token)
+            except Exception:  # the listener sees the broken connection too
+                self._in_flight.pop(token, None)
+                batch.settle(False)
+            return
         task = loop.create_task(self._send_ping(pubsub, token))
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
@@ -310,6 +341,7 @@ class SessionCache:
 
     def _settle_all(self) -> None:
         """The subscription is gone: every waiting request reads the store instead."""
+        self._answered = 0  # a request's mark is confirmed only by a pong still to come
         batches = list(self._in_flight.values())
         if self._pending is not None:
             batches.append(self._pending)
@@ -387,9 +419,11 @@ class SessionCache:
             elif kind == "pong":
                 self._set_alive(self._clock())
                 data = message.get("data")
-                batch = self._in_flight.pop(data, None) if isinstance(data, bytes) else None
-                if batch is not None:
-                    batch.settle(True)
+                if isinstance(data, bytes):
+                    batch = self._in_flight.pop(data, None)
+                    if batch is not None:
+                        self._answered = max(self._answered, int(data[1:]))  # b"c<sequence>"
+                        batch.settle(True)
             elif kind == "subscribe":
                 self._set_alive(self._clock())
 

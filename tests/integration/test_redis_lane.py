@@ -8,6 +8,7 @@ database, many callers at once, a frozen, restarted or stopped server, and error
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import tempfile
 import time
@@ -20,6 +21,7 @@ from redis.asyncio import Redis
 
 from gateway.errors import SessionStoreError
 from gateway.models import IndexEntry
+from gateway.session_cache import SessionCache
 from gateway.store import RedisStore
 from tests.integration.test_store import RedisServer
 from tests.support.peers import free_port
@@ -216,4 +218,44 @@ async def test_a_subscriber_hears_messages_and_pongs_in_order(server: RedisServe
     finally:
         await subscriber.aclose()
         await raw.aclose()
+        await store.close()
+
+
+async def test_a_request_is_confirmed_only_by_a_ping_sent_after_it_arrived(
+    server: RedisServer,
+) -> None:
+    """The session cache's early ping (SessionCache.ping_early, sent when a request's bytes
+    arrive): a request may use the pong of a ping sent after its mark, never of one sent
+    before. With Redis frozen, the first request is still confirmed by its answered ping;
+    one that arrived after that ping waits for its own and gets 503 (SessionStoreError)."""
+    store = RedisStore.from_url(server.url, prefix="early:")
+    cache = SessionCache(ttl=60.0, max_entries=10, bus=store, deadline=0.3)
+    listener = asyncio.create_task(cache.run())
+    try:
+        deadline = time.monotonic() + 5.0
+        while not cache.usable:
+            assert time.monotonic() < deadline, "the subscription never came up"
+            await asyncio.sleep(0.01)
+        assert cache.ping_early() is None  # nothing cached: nothing to confirm
+        token = cache.begin("s:one")
+        assert cache.fill("s:one", token, b"sealed") is not None
+        first = cache.ping_early()
+        assert first is not None
+        assert await cache.confirmed(after=first)
+        server.freeze()
+        try:
+            assert await cache.confirmed(after=first)  # its ping was answered: no wait
+            later = cache.ping_early()
+            assert later is not None
+            await asyncio.sleep(0)  # its ping leaves (in the server: before the request is read)
+            started = time.monotonic()
+            with pytest.raises(SessionStoreError):
+                await cache.confirmed(after=later)
+            assert time.monotonic() - started >= 0.25
+        finally:
+            server.thaw()
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
         await store.close()
