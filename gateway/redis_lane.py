@@ -48,6 +48,7 @@ class LaneAddress:
     db: int = 0
     client_name: str | None = None
     connect_timeout: float = 1.0
+    command_timeout: float = 1.0
 
     @classmethod
     def of_pool(cls, kwargs: dict[str, Any], *, unix: bool) -> LaneAddress:
@@ -61,6 +62,7 @@ class LaneAddress:
             db=int(kwargs.get("db") or 0),
             client_name=kwargs.get("client_name") or None,
             connect_timeout=float(kwargs.get("socket_connect_timeout") or 1.0),
+            command_timeout=float(kwargs.get("socket_timeout") or 1.0),
         )
 
 
@@ -133,8 +135,8 @@ class RedisLane:
     """Commands on one shared connection, connected on first use and again after a loss.
 
     Raises ``ConnectionError`` (an ``OSError``) when the connection cannot be made or is lost,
-    ``TimeoutError`` when connecting takes longer than the address's connect timeout, and
-    redis-py's ``ResponseError`` for an error reply, as redis-py would.
+    ``TimeoutError`` when connecting or an answer takes longer than the address's timeouts
+    (as redis-py's socket timeouts), and redis-py's ``ResponseError`` for an error reply.
     """
 
     def __init__(self, address: LaneAddress) -> None:
@@ -154,8 +156,9 @@ class RedisLane:
             if protocol is None or protocol.closed:
                 protocol = await self._connected()
             try:
-                reply = await protocol.send(packed)
-            except asyncio.CancelledError:
+                async with asyncio.timeout(self.address.command_timeout):
+                    reply = await protocol.send(packed)
+            except (asyncio.CancelledError, TimeoutError):
                 protocol.close()  # the answer still to come must not reach the next caller
                 raise
             except ConnectionError:

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol, cast, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import (
@@ -356,6 +356,11 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# Connections of a single server's redis-py pool (redis-py's own default); beyond them a
+# command waits for one (RedisStore.from_url).
+POOL_CONNECTIONS: Final = 100
+
+
 def _retry() -> Retry:
     """One retry, on connection errors only, after at most 0.1 s (see RedisStore)."""
     return Retry(ExponentialBackoff(cap=0.1, base=0.02), 1, (RedisConnectionError,))
@@ -511,8 +516,14 @@ class RedisStore:
         if tls_ca_file is not None and urlsplit(url).scheme != "rediss":
             raise ValueError(f"invalid redis settings for {name}: a CA file needs a rediss:// URL")
         try:
-            client = Redis.from_url(
+            # A blocking pool: past POOL_CONNECTIONS commands in flight, the next waits for a
+            # connection (within the deadline) instead of failing at once with "Too many
+            # connections", as redis-py's default pool does (a 503 for most requests of a
+            # burst of 300 when every request read Redis).
+            pool = BlockingConnectionPool.from_url(
                 url,
+                max_connections=POOL_CONNECTIONS,
+                timeout=connect_timeout + command_timeout,
                 **_timeouts(connect_timeout, command_timeout),
                 **_credentials(username, password),
                 **_tls(tls_ca_file),
@@ -520,6 +531,7 @@ class RedisStore:
                 client_name="oidc-gateway",
                 decode_responses=False,
             )
+            client = Redis.from_pool(pool)
         except (ValueError, TypeError) as exc:
             raise _invalid(name, exc, redact) from None
         return cls(
@@ -756,30 +768,38 @@ class RedisStore:
             return LaneSubscriber(self._lane.address)
         return _PubSub(self._client.pubsub())
 
+    def _run(self, op: str, *command: bytes | str | int,
+             via: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
+        """``command`` on the lean connection where it serves (gateway/redis_lane.py: a
+        login's commands, every signed-in request's session read), else redis-py's ``via``;
+        within the store's deadline either way (:meth:`_call`)."""
+        lane = self._lane
+        return self._call(op, lane.call(*command) if lane is not None else via())
+
     async def get(self, key: str) -> bytes | None:
-        value = await self._call("GET", self._client.get(self._key(key)))
+        name = self._key(key)
+        value = await self._run("GET", "GET", name, via=lambda: self._client.get(name))
         return self._bytes_or_none("GET", value)
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         # Milliseconds, rounded up so a short TTL never becomes 0 (which Redis rejects).
-        px = _px(ttl)
-        await self._call("SET", self._client.set(self._key(key), value, px=px))
+        name, px = self._key(key), _px(ttl)
+        await self._run("SET", "SET", name, value, "PX", px,
+                        via=lambda: self._client.set(name, value, px=px))
 
     async def delete(self, key: str) -> None:
-        await self._call("DEL", self._client.delete(self._key(key)))
+        name = self._key(key)
+        await self._run("DEL", "DEL", name, via=lambda: self._client.delete(name))
 
     async def pop(self, key: str) -> bytes | None:
-        value = await self._call("GETDEL", self._client.getdel(self._key(key)))
+        name = self._key(key)
+        value = await self._run("GETDEL", "GETDEL", name, via=lambda: self._client.getdel(name))
         return self._bytes_or_none("GETDEL", value)
 
     async def set_new(self, key: str, value: bytes, ttl: float) -> bool:
-        px = _px(ttl)
-        if self._lane is not None:  # a login's single-use mark (gateway/redis_lane.py)
-            done = await self._call("SET NX", self._lane.call(
-                "SET", self._key(key), value, "PX", px, "NX"))
-        else:
-            done = await self._call("SET NX", self._client.set(
-                self._key(key), value, px=px, nx=True))
+        name, px = self._key(key), _px(ttl)
+        done = await self._run("SET NX", "SET", name, value, "PX", px, "NX",
+                               via=lambda: self._client.set(name, value, px=px, nx=True))
         return bool(done)
 
     async def set_new_indexed(
@@ -792,12 +812,9 @@ class RedisStore:
             for entry in index:
                 args += [entry.member, entry.value, _px(entry.ttl)]
             keys = [self._key(key), *(self._key(entry.key) for entry in index)]
-            if self._lane is not None:
-                done = await self._call("SET NX + index HSET", self._lane.call(
-                    "EVAL", _NEW_INDEXED_LUA, len(keys), *keys, *args))
-            else:
-                done = await self._call("SET NX + index HSET", self._client.eval(
-                    _NEW_INDEXED_LUA, len(keys), *keys, *args))
+            done = await self._run(
+                "SET NX + index HSET", "EVAL", _NEW_INDEXED_LUA, len(keys), *keys, *args,
+                via=lambda: self._client.eval(_NEW_INDEXED_LUA, len(keys), *keys, *args))
             return bool(done)
         # On a Cluster the keys may live on different nodes: a pipeline, not a transaction
         # (each command stands alone, as set_new and index_put do), and redis-py sends each

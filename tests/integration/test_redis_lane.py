@@ -79,6 +79,16 @@ async def test_concurrent_callers_each_get_their_own_answer(server: RedisServer)
         # Exactly one of many racing for the same key wins.
         race = await asyncio.gather(*(store.set_new("l:race", b"x", 60) for _ in range(50)))
         assert race.count(True) == 1
+        # A signed-in request's read and write, 300 at once: each gets its own answer (redis-py's
+        # pool answered "Too many connections" past 100 commands in flight).
+        await asyncio.gather(*(store.set(f"s:{i}", b"v%d" % i, 60) for i in range(300)))
+        values = await asyncio.gather(*(store.get(f"s:{i}") for i in range(300)))
+        assert values == [b"v%d" % i for i in range(300)]
+        popped = await asyncio.gather(*(store.pop(f"s:{i}") for i in range(0, 300, 3)))
+        assert popped == [b"v%d" % i for i in range(0, 300, 3)]
+        await asyncio.gather(*(store.delete(f"s:{i}") for i in range(1, 300, 3)))
+        left = await asyncio.gather(*(store.get(f"s:{i}") for i in range(300)))
+        assert left == [b"v%d" % i if i % 3 == 2 else None for i in range(300)]
     finally:
         await store.close()
 
@@ -124,7 +134,7 @@ async def test_a_frozen_server_fails_within_the_deadline_and_answers_stay_matche
             started = time.monotonic()
             with pytest.raises(SessionStoreError, match=f"127.0.0.1:{server.port}"):
                 await store.set_new("l:during", b"1", 60)
-            assert time.monotonic() - started < 1.5
+            assert time.monotonic() - started < 1.0  # the command timeout, not the deadline
         finally:
             server.thaw()
         fresh = f"l:fresh-{secrets.token_hex(4)}"

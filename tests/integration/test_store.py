@@ -571,6 +571,22 @@ async def test_redis_restart_is_invisible_to_the_next_command(
 
 
 @pytest.mark.redis
+async def test_a_burst_beyond_the_pool_waits_instead_of_failing(
+    own_redis_server: RedisServer,
+) -> None:
+    """Commands on redis-py's pool (index entries, scripts, pub/sub), 400 at once: past the
+    pool's connections they wait for one (redis-py's default pool failed them at once with
+    "Too many connections", a 503 each)."""
+    store = RedisStore.from_url(own_redis_server.url, prefix="burst:")
+    try:
+        await asyncio.gather(*(store.index_put(f"x:sub:{i}", "m", b"v", 60) for i in range(400)))
+        found = await asyncio.gather(*(store.index_get(f"x:sub:{i}") for i in range(400)))
+        assert found == [{"m": b"v"}] * 400
+    finally:
+        await store.close()
+
+
+@pytest.mark.redis
 async def test_hung_redis_fails_within_the_timeouts(own_redis_server: RedisServer) -> None:
     """A frozen server (accepts TCP, never answers) costs one command timeout, not a retry each."""
     server = own_redis_server
