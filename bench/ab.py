@@ -37,8 +37,8 @@ from bench.harness import (
     HarnessError,
     bench_config,
     cpu_seconds,
+    every_worker_ready,
     gateway_env,
-    http_status,
     listener_pids,
 )
 from bench.loadgen import API_ACCEPT, BROWSER_ACCEPT, Request, probe, run_wrk
@@ -68,13 +68,8 @@ def _slice(src: Path, config: Path, log: Path, args: argparse.Namespace) -> tupl
                            log, cwd=src, env=gateway_env(src), group=True)
     gateway.start()
     try:
-        # Each new connection goes to one worker (SO_REUSEPORT): with several, ready on ten
-        # connections in a row means every worker is (ten on one of two workers: 1 in 512).
-        tries = 1 if args.workers == 1 else 10
-        gateway.wait_until(
-            lambda: all(http_status("127.0.0.1", args.port, "/ready") == 200
-                        for _ in range(tries)),
-            START_DEADLINE, f"it is ready on {url}/ready")
+        gateway.wait_until(lambda: every_worker_ready(args.port, args.workers),
+                           START_DEADLINE, f"it is ready on {url}/ready")
         cookie = session_cookie(url) if args.case == "get" else None
         request = Request("GET", "/bench", accept, cookie)
         # Ten ready answers can all have come from one worker; another may still be loading
