@@ -11,6 +11,7 @@ import asyncio
 import time
 from urllib.parse import urlsplit
 
+import aiohttp
 from yarl import URL
 
 from bench.harness import HarnessError
@@ -77,3 +78,33 @@ def timed_logins(gateway_url: str, count: int, *, path: str = "/bench",
     """Milliseconds of ``count`` complete logins, one after the other, each in a fresh browser
     (new cookie jar, new connections), from the first request to the final 200."""
     return asyncio.run(_timed_logins(gateway_url, path, count, max_seconds))
+
+
+async def _alternating(urls: list[str], path: str, count: int,
+                       max_seconds: float) -> tuple[dict[str, list[float]], dict[str, str]]:
+    samples: dict[str, list[float]] = {url: [] for url in urls}
+    failed: dict[str, str] = {}
+    deadline = time.monotonic() + max_seconds
+    for _ in range(count):
+        if time.monotonic() > deadline:
+            break
+        for url in urls:
+            if url in failed:
+                continue
+            started = time.perf_counter()
+            try:
+                await _login_once(url, path)
+            except (HarnessError, aiohttp.ClientError, TimeoutError) as exc:
+                failed[url] = str(exc)
+                continue
+            samples[url].append((time.perf_counter() - started) * 1000.0)
+    return samples, failed
+
+
+def alternating_logins(urls: list[str], count: int, *, path: str = "/bench",
+                       max_seconds: float = 240.0,
+                       ) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """``count`` logins through each gateway, taking turns (one login each, then again), so
+    that a slow minute of the machine falls on every gateway alike: milliseconds per gateway,
+    and why a gateway whose login failed was left out."""
+    return asyncio.run(_alternating(urls, path, count, max_seconds))
