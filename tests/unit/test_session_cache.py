@@ -4,7 +4,7 @@ that a session is handed only to the secret that opened it."""
 from __future__ import annotations
 
 from gateway.models import Identity, Session, TokenSet
-from gateway.session_cache import SessionCache
+from gateway.session_cache import SessionCache, Subscriber
 
 SESSION = Session(
     identity=Identity(sub="s1", user="alice"),
@@ -126,7 +126,7 @@ def test_a_cache_with_a_bus_is_not_used_before_its_subscription_answers() -> Non
         async def publish(self, channel: str, message: bytes) -> None:
             raise AssertionError("not called")
 
-        def pubsub(self) -> object:
+        def pubsub(self) -> Subscriber:
             raise AssertionError("not called")
 
         def channel(self, name: str) -> str:
