@@ -735,8 +735,10 @@ class GatewayRequestHandler(web.RequestHandler):
         read again. Anything else makes the connection aiohttp's for good.
         """
         heads = self._heads
+        credentials: bool | None = None
         if self._reading_heads and heads is not None:
-            head = self._head_of(heads, data)
+            credentials = _has_credentials(data)
+            head = None if credentials else self._head_of(heads, data)
             if head is not None:
                 answer = self._answer_at_once(head)
                 if answer is not None:
@@ -752,7 +754,9 @@ class GatewayRequestHandler(web.RequestHandler):
         # whole) reset the mark, so that no request uses a ping sent before it arrived.
         arrived = self._arrived
         if arrived is not None:
-            self.confirm_after = arrived() if _has_credentials(data) else None
+            if credentials is None:
+                credentials = _has_credentials(data)
+            self.confirm_after = arrived() if credentials else None
         super().data_received(data)
 
     def _answer_at_once(self, head: RequestHead) -> WholeAnswer | None:
@@ -768,7 +772,7 @@ class GatewayRequestHandler(web.RequestHandler):
         # Writing paused: a client that does not read its answers waits in start().
         if (self._force_close or self._close or self.writing_paused or len(data) > _AT_ONCE_MAX
                 or not data.startswith(b"GET ") or data.find(b"\r\n\r\n") != len(data) - 4
-                or not data.isascii() or _has_credentials(data)):
+                or not data.isascii()):
             return None
         return heads.read(data)
 

@@ -274,7 +274,9 @@ class LaneSubscriber:
         if isinstance(reply, hiredis.ReplyError):
             raise ResponseError(str(reply))
         if not isinstance(reply, list) or len(reply) < 2 or not isinstance(reply[0], bytes):
-            raise ConnectionError(f"Redis sent a subscriber something unexpected: {reply!r:.80}")
+            # Its type only: a message names a session key, which is never logged.
+            raise ConnectionError(
+                f"Redis sent a subscriber something unexpected: {type(reply).__name__}")
         return {"type": reply[0].decode("ascii", "replace"), "data": reply[-1]}
 
     async def aclose(self) -> None:
