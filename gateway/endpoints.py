@@ -1196,17 +1196,17 @@ class Gateway:
         """A new session's ticket and sealing key: the spare one made after the last login's
         answer was written (each is taken once), else a new one."""
         spare, self._spare_ticket = self._spare_ticket, None
-        if spare is not None:
-            return spare
-        ticket = new_ticket(self.token_bytes)
-        return ticket, sealing_key(self.keys[0], ticket.secret)
+        return spare if spare is not None else self._ticket_and_key()
 
     def _make_spare_ticket(self) -> None:
         """After a login's answer: the next login's ticket and sealing key, made while nothing
         waits for them (issue 7: 0.1 ms less of the next callback at idle)."""
         if self._spare_ticket is None:
-            ticket = new_ticket(self.token_bytes)
-            self._spare_ticket = (ticket, sealing_key(self.keys[0], ticket.secret))
+            self._spare_ticket = self._ticket_and_key()
+
+    def _ticket_and_key(self) -> tuple[Ticket, SealingKey]:
+        ticket = new_ticket(self.token_bytes)
+        return ticket, sealing_key(self.keys[0], ticket.secret)
 
     def _prepare_return(self, facts: RequestFacts, target: str, session: Session) -> None:
         """After a login's answer is written: the policy's answer and the identity headers
