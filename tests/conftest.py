@@ -19,8 +19,9 @@ Fixtures (see tests/support/peers.py for the objects):
 - ``redis_target`` (function): :class:`RedisTarget` ``(url, prefix, host, port)`` on the shared
   server; the prefix is unique to the test and its keys are deleted afterwards.
   ``redis_url`` and ``redis_key_prefix`` are the two halves.
-- ``redis_server_factory`` (function): ``factory(*, persist=True, password=None, start=True) ->
-  RedisServer`` with ``url``, ``start()``, ``stop()``, ``kill()``, ``freeze()``, ``thaw()``.
+- ``redis_server_factory`` (function): ``factory(*, persist=True, password=None, start=True,
+  unixsocket=None) -> RedisServer`` with ``url``, ``start()``, ``stop()``, ``kill()``,
+  ``freeze()``, ``thaw()``.
 - ``free_tcp_port`` (function): a free port on 127.0.0.1.
 
 Tests using the Redis fixtures get the ``redis`` marker and those using the OP get the

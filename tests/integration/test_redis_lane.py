@@ -12,7 +12,6 @@ import contextlib
 import secrets
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,21 +22,15 @@ from gateway.errors import SessionStoreError
 from gateway.models import IndexEntry
 from gateway.session_cache import SessionCache
 from gateway.store import RedisStore
-from tests.integration.test_store import RedisServer
-from tests.support.peers import free_port
+from tests.support.peers import RedisServer, RedisServerFactory
 
 pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
+def server(redis_server_factory: RedisServerFactory) -> RedisServer:
     """A server with a password, which a test may freeze, restart or stop."""
-    own = RedisServer(tmp_path, password="lane-" + secrets.token_hex(8))
-    own.start()
-    try:
-        yield own
-    finally:
-        own.stop()
+    return redis_server_factory(persist=False, password="lane-" + secrets.token_hex(8))
 
 
 def url_with_db(server: RedisServer, db: int) -> str:
@@ -165,13 +158,13 @@ async def test_a_restart_is_invisible_and_a_stopped_server_fails_fast(
         await store.close()
 
 
-async def test_a_unix_socket_server_is_served_too() -> None:
+async def test_a_unix_socket_server_is_served_too(
+    redis_server_factory: RedisServerFactory,
+) -> None:
     # A short directory: a Unix socket's path is limited to about 100 bytes.
     with tempfile.TemporaryDirectory(prefix="lane") as workdir:
         sock = Path(workdir) / "redis.sock"
-        own = RedisServer(Path(workdir), unixsocket=sock)
-        own.port = free_port()
-        own.start()
+        redis_server_factory(persist=False, unixsocket=sock)
         store = RedisStore.from_url(f"unix://{sock}?db=2", prefix="unix:")
         raw = Redis(unix_socket_path=str(sock), db=2)
         try:
@@ -181,7 +174,6 @@ async def test_a_unix_socket_server_is_served_too() -> None:
         finally:
             await raw.aclose()
             await store.close()
-            own.stop()
 
 
 def test_under_uvloop_as_the_gateway_runs(server: RedisServer) -> None:

@@ -46,11 +46,9 @@ def _answers_ping(port: int, password: str | None) -> bool:
 class RedisServer:
     """A private redis-server that a test can stop, freeze and restart on the same port."""
 
-    def __init__(self, workdir: Path, *, password: str | None = None,
-                 unixsocket: Path | None = None) -> None:
+    def __init__(self, workdir: Path, *, password: str | None = None) -> None:
         self.workdir = workdir
         self.password = password
-        self.unixsocket = unixsocket
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -78,8 +76,6 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
-        if self.unixsocket is not None:
-            args += ["--unixsocket", str(self.unixsocket), "--unixsocketperm", "700"]
         with (self.workdir / "redis.log").open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_DEADLINE

@@ -286,11 +286,12 @@ class RedisServer:
     """
 
     def __init__(self, workdir: Path, *, port: int | None = None, password: str | None = None,
-                 persist: bool = False) -> None:
+                 persist: bool = False, unixsocket: Path | None = None) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.password = password
         self.persist = persist
+        self.unixsocket = unixsocket
         workdir.mkdir(parents=True, exist_ok=True)
         args = [
             redis_server_binary(),
@@ -304,6 +305,8 @@ class RedisServer:
         ]
         if password:
             args += ["--requirepass", password]
+        if unixsocket is not None:  # as well as the port
+            args += ["--unixsocket", str(unixsocket), "--unixsocketperm", "700"]
         self.process = ChildProcess(f"redis-server :{self.port}", args, workdir / "redis.log")
 
     @property
@@ -610,9 +613,9 @@ class RedisServerFactory:
         self.servers: list[RedisServer] = []
 
     def __call__(self, *, persist: bool = True, password: str | None = None,
-                 start: bool = True) -> RedisServer:
+                 start: bool = True, unixsocket: Path | None = None) -> RedisServer:
         server = RedisServer(self.directory / f"redis-{len(self.servers)}", password=password,
-                             persist=persist)
+                             persist=persist, unixsocket=unixsocket)
         self.servers.append(server)
         if start:
             server.start()
