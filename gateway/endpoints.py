@@ -67,6 +67,8 @@ from gateway.observability import (
     AUDITED,
     METRICS_CONTENT_TYPE,
     REQUEST_ID_HEADER,
+    LineStreamHandler,
+    LineTemplate,
     Metrics,
     Outcome,
     log_info,
@@ -267,6 +269,8 @@ class _AtOncePlan:
     redirect_uri: str | None  # a browser's redirect to the provider; None: the 401 JSON
     headers: tuple[tuple[str, str], ...]  # the 401's, before X-Request-Id
     body: bytes  # the 401's
+    decision: str  # the metrics' decision label of its answer
+    lines: tuple[LineTemplate, ...]  # its audit and access lines, but for id and duration
 
 
 # Distinct request heads whose plan is kept (Gateway.answer_at_once): each at most
@@ -282,6 +286,8 @@ class WholeAnswer:
     reason: str
     headers: list[tuple[str, str]]
     body: bytes
+    # Its log lines, formatted, to be written before it is sent (app's turn writer).
+    lines: list[tuple[LineStreamHandler, str]] = field(default_factory=list)
 
 
 def _split_target(raw_target: str, host_header: str) -> tuple[str, str]:
@@ -521,8 +527,15 @@ class Gateway:
         else:
             answer = WholeAnswer(401, "Unauthorized",
                                  [*plan.headers, (REQUEST_ID_HEADER, request_id)], plan.body)
-        self._account(head.method, head.remote, request_id, plan.facts, answer.status,
-                      plan.route, False, None, time.perf_counter() - started)
+        # _account's work, with the lines made from the plan's templates (and written by the
+        # server together with those of the other answers of this event-loop turn).
+        elapsed = time.perf_counter() - started
+        self.metrics.observe_request(plan.route, answer.status, plan.decision, elapsed)
+        duration_ms = round(elapsed * 1000, 2)
+        for template in plan.lines:
+            line = template.line(request_id, duration_ms)
+            if line is not None:
+                answer.lines.append(line)
         return answer
 
     def _plan_at_once(self, head: RequestHead) -> _AtOncePlan | None:
@@ -550,11 +563,25 @@ class Gateway:
                 self._check_cookie_reach(facts, redirect_uri)
             except RequestError:
                 return None
-            return _AtOncePlan(facts, route.name, target, redirect_uri, (), b"")
+            decision = facts.outcome.final(302, own_endpoint=False)
+            return _AtOncePlan(facts, route.name, target, redirect_uri, (), b"", decision,
+                               self._line_templates(head, facts, 302, route.name, decision))
         headers = (*_UNAUTHENTICATED_HEADERS.items(),
                    ("Content-Type", "application/json; charset=utf-8"))
         body = orjson.dumps(self._unauthenticated_json(facts, target))
-        return _AtOncePlan(facts, route.name, target, None, headers, body)
+        decision = facts.outcome.final(401, own_endpoint=False)
+        return _AtOncePlan(facts, route.name, target, None, headers, body, decision,
+                           self._line_templates(head, facts, 401, route.name, decision))
+
+    def _line_templates(
+        self, head: RequestHead, facts: RequestFacts, status: int, route: str, decision: str
+    ) -> tuple[LineTemplate, ...]:
+        """The lines :meth:`_account` writes for an answer of this plan, less the request id
+        and duration that each request has its own of."""
+        return tuple(
+            LineTemplate(logger, message, fields, ("request_id", "duration_ms"))
+            for logger, message, fields in self._log_lines(
+                head.method, head.remote, "", facts, status, route, decision, None, 0.0))
 
     def _redirect_at_once(self, plan: _AtOncePlan, request_id: str) -> WholeAnswer | None:
         """:meth:`_begin_login` for a browser without a binding cookie, when nothing waits:
@@ -626,10 +653,23 @@ class Gateway:
             self.metrics.logins.labels("ok" if status == 302 else "failed").inc()
         elif own and route == self.sign_out_path and status >= 500:
             self.metrics.logouts.labels("failed").inc()
+        for logger, message, fields in self._log_lines(
+                method, remote, request_id, facts, status, route, decision, error,
+                round(elapsed * 1000, 2)):
+            log_info(logger, message, fields)
+
+    def _log_lines(
+        self, method: str, remote: str | None, request_id: str, facts: RequestFacts | None,
+        status: int, route: str, decision: str, error: RequestError | None,
+        duration_ms: float,
+    ) -> list[tuple[logging.Logger, str, dict[str, object]]]:
+        """The audit and access lines of a request, as the config asks for them."""
         settings = self.config.logging
-        if not (settings.access_log or (settings.audit_log and decision in AUDITED)):
-            return
-        fields = {
+        audited = settings.audit_log and decision in AUDITED
+        if not (settings.access_log or audited):
+            return []
+        outcome = facts.outcome if facts is not None else Outcome()
+        fields: dict[str, object] = {
             "request_id": request_id,
             "method": method,
             "host": facts.host if facts else None,
@@ -640,16 +680,18 @@ class Gateway:
             "user": outcome.user,
             "auth": outcome.auth,
             "client_ip": facts.forwarded.client_ip if facts else remote,
-            "duration_ms": round(elapsed * 1000, 2),
+            "duration_ms": duration_ms,
         }
-        if settings.audit_log and decision in AUDITED:
-            log_info(audit_log, AUDITED[decision],
-                     {**fields, "reason": outcome.reason, "rule": outcome.rule or "-"})
+        lines: list[tuple[logging.Logger, str, dict[str, object]]] = []
+        if audited:
+            lines.append((audit_log, AUDITED[decision],
+                          {**fields, "reason": outcome.reason, "rule": outcome.rule or "-"}))
         if settings.access_log:
             # The error's reason id when the request failed (upstream_timeout...), else the
             # decision's.
             reason = error.reason if error is not None else outcome.reason
-            log_info(access_log, "request", {**fields, "reason": reason})
+            lines.append((access_log, "request", {**fields, "reason": reason}))
+        return lines
 
     def _facts(self, request: web.BaseRequest, request_id: str) -> RequestFacts:
         return self._facts_of(

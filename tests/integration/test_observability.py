@@ -206,6 +206,49 @@ async def test_access_and_audit_lines_name_the_decision_and_never_a_secret(
     assert "code=" not in text
 
 
+async def test_a_request_answered_at_once_finds_its_lines_written_before_its_answer(
+    world: World,
+) -> None:
+    """401s and redirects to the provider without a session are answered before aiohttp
+    parses them, their lines written together once per event-loop turn (issue 7): still,
+    when a client has its answer, the log already holds its audit and access lines, the same
+    lines (but for the id, time and duration) as the same 401 answered the long way."""
+    gw = await world.start_with(logging={"access_log": True})
+
+    async def fetch(path: str, headers: dict[str, str]) -> tuple[int, str, set[str]]:
+        async with aiohttp.ClientSession() as client, client.get(
+                f"{gw.url}{path}", headers=headers, allow_redirects=False) as r:
+            request_id = r.headers["X-Request-Id"]
+            # Read the moment the answer is here: no waiting for the lines.
+            written = {line["logger"] for line in log_lines(gw)
+                       if line.get("request_id") == request_id}
+            return r.status, request_id, written
+
+    answers = await asyncio.gather(
+        *(fetch(f"/app/api/{i}", JSON) for i in range(30)),
+        *(fetch(f"/app/page/{i}", HTML) for i in range(10)))
+    assert sorted({status for status, _, _ in answers}) == [302, 401]
+    for status, request_id, written in answers:
+        assert written == {"gateway.audit", "gateway.access"}, (status, request_id)
+
+    # The long way: a cookie that is no session sends the request through handle().
+    status, long_way, written = await fetch("/app/api/0", {**JSON, "Cookie": "other=1"})
+    assert status == 401
+    assert written == {"gateway.audit", "gateway.access"}
+    at_once = answers[0][1]
+    by_id: dict[tuple[str, str], dict[str, Any]] = {
+        (line["request_id"], line["logger"]): line for line in log_lines(gw)
+        if "request_id" in line}
+    for logger in ("gateway.audit", "gateway.access"):
+        fast, slow = by_id[(at_once, logger)], by_id[(long_way, logger)]
+        for line in (fast, slow):
+            for key in ("time", "request_id", "duration_ms"):
+                line.pop(key)
+        assert fast == slow
+        assert list(fast) == list(slow)
+    assert fast["decision"] == "unauthenticated_401"
+
+
 async def test_a_trusted_proxys_request_id_is_kept_and_anyone_elses_replaced(
     world: World,
 ) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gateway.observability import JsonFormatter, LineStreamHandler, log_info
+from gateway.observability import JsonFormatter, LineStreamHandler, LineTemplate, log_info
 
 
 @pytest.fixture
@@ -170,3 +170,121 @@ def test_a_line_without_fields_is_its_head(stream: io.StringIO) -> None:
     (line,) = lines(stream)
     assert list(line) == ["time", "level", "logger", "msg", "pid"]
     assert line["msg"] == "bare"
+
+
+# --------------------------------------------------------------------- LineTemplate
+
+VARIABLES = ("request_id", "duration_ms")
+
+
+def _with(values: tuple[object, ...]) -> dict[str, object]:
+    return {**FIELDS, **dict(zip(VARIABLES, values, strict=True))}
+
+
+@pytest.mark.parametrize("values", [
+    ("0123456789abcdef", 0.02), ("trace:1/2=3@x", 0.0), ("id", 1234.5),
+    ("Jörg\u2028\r\n\"", 12), (None, None),
+])
+def test_a_template_writes_the_line_log_info_writes(
+    stream: io.StringIO, values: tuple[object, ...]
+) -> None:
+    """Byte for byte, but for the time: the fields in the same order, the same escapes
+    (quotes, controls, the line separators some readers break on), whatever the values."""
+    _gateway_handlers_only()
+    logger = logging.getLogger("gateway.audit")
+    template = LineTemplate(logger, "access allowed", dict(FIELDS), VARIABLES)
+    made = template.line(*values)
+    assert made is not None
+    handler, line = made
+    assert handler is logging.getLogger().handlers[0]
+    log_info(logger, "access allowed", _with(values))
+    (standard,) = stream.getvalue().splitlines()
+    cut = len('{"time":"2026-01-31T12:00:00.123Z"')
+    assert line[cut:] == standard[cut:]
+    assert json.loads(line)["time"].endswith("Z")
+    assert "\n" not in line
+    assert "\u2028" not in line
+
+
+def test_each_line_of_a_template_has_its_own_time(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _gateway_handlers_only()
+    template = LineTemplate(logging.getLogger("gateway.audit"), "m", dict(FIELDS), VARIABLES)
+    monkeypatch.setattr("gateway.observability.time.time", lambda: 1_800_000_000.25)
+    first = template.line("a", 1.0)
+    monkeypatch.setattr("gateway.observability.time.time", lambda: 1_800_000_061.5)
+    second = template.line("b", 2.0)
+    assert first is not None
+    assert second is not None
+    assert json.loads(first[1])["time"] == "2027-01-15T08:00:00.250Z"
+    assert json.loads(second[1])["time"] == "2027-01-15T08:01:01.500Z"
+
+
+def test_a_template_follows_a_new_formatter_and_a_new_process(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a reload (configure_logging: a new formatter, pid on or off) or a fork, the
+    lines are those of the formatter and process writing them."""
+    _gateway_handlers_only()
+    template = LineTemplate(logging.getLogger("gateway.audit"), "m", {"a": 1}, ("b",))
+    first = template.line(2)
+    assert first is not None
+    assert "pid" in json.loads(first[1])
+    monkeypatch.setattr("gateway.observability.os.getpid", lambda: 424242)
+    forked = template.line(2)
+    assert forked is not None
+    assert json.loads(forked[1])["pid"] == 424242
+    logging.getLogger().handlers[0].setFormatter(JsonFormatter(pid=False))
+    plain = template.line(3)
+    assert plain is not None
+    assert list(json.loads(plain[1])) == ["time", "level", "logger", "msg", "a", "b"]
+
+
+def test_a_template_whose_marker_shows_in_a_field_logs_the_standard_way(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The constant parts are cut at random markers: should a field hold one (it cannot be
+    guessed, but still), the line is written at once the standard way, never cut wrong."""
+    _gateway_handlers_only()
+    monkeypatch.setattr("gateway.observability.secrets.token_hex", lambda n: "f" * 2 * n)
+    fields = {"path": "f" * 32 + "0", "user": "u"}
+    template = LineTemplate(logging.getLogger("gateway.audit"), "m", fields, ("request_id",))
+    assert template.line("rid") is None
+    (line,) = lines(stream)
+    assert (line["path"], line["request_id"]) == (fields["path"], "rid")
+
+
+def test_a_template_under_another_set_up_or_level_logs_the_standard_way(
+    stream: io.StringIO,
+) -> None:
+    """A test's log capture or an operator's filter sees every line, at once; a level above
+    INFO writes none."""
+    seen: list[logging.LogRecord] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        seen.append(record)
+        return True
+
+    logger = logging.getLogger("gateway.access")
+    template = LineTemplate(logger, "request", dict(FIELDS), VARIABLES)
+    logger.addFilter(keep)
+    try:
+        assert template.line("rid", 0.5) is None
+    finally:
+        logger.removeFilter(keep)
+    assert [(r.request_id, r.duration_ms) for r in seen] == [("rid", 0.5)]  # type: ignore[attr-defined]
+    assert lines(stream)[0]["request_id"] == "rid"
+    logger.setLevel(logging.WARNING)
+    try:
+        assert template.line("quiet", 0.5) is None
+    finally:
+        logger.setLevel(logging.NOTSET)
+    assert len(lines(stream)) == 1
+
+
+def test_lines_written_together_are_one_line_each(stream: io.StringIO) -> None:
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, LineStreamHandler)
+    handler.emit_lines(['{"a":1}', '{"b":2}'])
+    assert stream.getvalue() == '{"a":1}\n{"b":2}\n'
