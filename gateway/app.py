@@ -613,16 +613,31 @@ def _has_credentials(data: bytes) -> bool:
             or data.find(b"\r\nauthorization:", 0, _AT_ONCE_MAX) >= 0)
 
 
+# Heads read (_HeadReader), by their bytes and the connection's address and scheme: the same
+# bytes always read the same. Past this many the memo starts over (each at most
+# _AT_ONCE_MAX bytes).
+_HEAD_MEMO: Final = 256
+_UNREAD: Final = object()
+
+
 class _HeadReader:
     """Reads one connection's requests with httptools while each arrives as one whole head
     of an HTTP/1.1 keep-alive GET without body or credentials (:class:`RequestHead`); None
-    for anything else, which aiohttp's parser then reads."""
+    for anything else, which aiohttp's parser then reads.
 
-    __slots__ = ("done", "handoff", "items", "kept_get", "parser", "remote", "secure", "url")
+    ``memo``: heads already read, shared by the connections of a server. A client sends the
+    same bytes for the same URL again and again (an API client polling, a browser's
+    navigations): those are not parsed again (issue 7: the parse was a sixth of a 401's CPU).
+    """
 
-    def __init__(self, remote: str, secure: bool) -> None:
+    __slots__ = ("done", "handoff", "items", "kept_get", "memo", "parser", "remote", "secure",
+                 "url")
+
+    def __init__(self, remote: str, secure: bool,
+                 memo: dict[tuple[bytes, str, bool], RequestHead | None] | None = None) -> None:
         self.remote = remote
         self.secure = secure
+        self.memo = memo if memo is not None else {}
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.items: list[tuple[str, str]] = []
@@ -648,6 +663,17 @@ class _HeadReader:
 
     def read(self, data: bytes) -> RequestHead | None:
         """``data`` must be ASCII and hold exactly one request head."""
+        key = (data, self.remote, self.secure)
+        memo = self.memo
+        head = memo.get(key, _UNREAD)
+        if head is _UNREAD:
+            head = self._parse(data)
+            if len(memo) >= _HEAD_MEMO:
+                memo.clear()
+            memo[key] = head
+        return head  # type: ignore[return-value]
+
+    def _parse(self, data: bytes) -> RequestHead | None:
         self.url = b""
         self.items = []
         self.done = self.handoff = self.kept_get = False
@@ -657,7 +683,8 @@ class _HeadReader:
             return None
         if not self.done or self.handoff or not self.kept_get:
             return None
-        return RequestHead("GET", self.url.decode("ascii"), self.items, self.remote, self.secure)
+        return RequestHead("GET", self.url.decode("ascii"), self.items, self.remote, self.secure,
+                           data)
 
 
 def _whole(answer: WholeAnswer) -> bytes:
@@ -731,6 +758,7 @@ class GatewayRequestHandler(web.RequestHandler):
         self, manager: web.Server, *, guard: ConnectionGuard,
         at_once: Callable[[RequestHead], WholeAnswer | None] | None = None,
         arrived: Callable[[], int | None] | None = None, turn: TurnWriter | None = None,
+        head_memo: dict[tuple[bytes, str, bool], RequestHead | None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
@@ -738,6 +766,7 @@ class GatewayRequestHandler(web.RequestHandler):
         self._counted = False
         self._at_once = at_once
         self._turn = turn if turn is not None else TurnWriter(self._loop)
+        self._head_memo = head_memo
         self._arrived = arrived
         # The session cache's mark for the requests in the bytes last received (Live.
         # request_arrived); None when they carried no cookie. Read by Gateway._open.
@@ -761,7 +790,7 @@ class GatewayRequestHandler(web.RequestHandler):
         if self._at_once is not None:
             peer = self.peername
             remote = str(peer[0]) if isinstance(peer, list | tuple) else str(peer or "")
-            self._heads = _HeadReader(remote, self.ssl_context is not None)
+            self._heads = _HeadReader(remote, self.ssl_context is not None, self._head_memo)
             self._reading_heads = True
 
     def data_received(self, data: bytes) -> None:
@@ -1047,11 +1076,12 @@ class GatewaySite(web.BaseSite):
         loop = asyncio.get_running_loop()
         manager = self._manager = web.Server(self._handler, loop=loop)
         turn = TurnWriter(loop)
+        head_memo: dict[tuple[bytes, str, bool], RequestHead | None] = {}
 
         def connection() -> GatewayRequestHandler:
             return GatewayRequestHandler(
                 manager, guard=self.guard, at_once=self._at_once, arrived=self._arrived,
-                turn=turn, loop=loop, **self._handler_options)
+                turn=turn, head_memo=head_memo, loop=loop, **self._handler_options)
 
         self._server = await loop.create_server(
             connection, self._host, self._port, backlog=self._backlog, reuse_address=True,

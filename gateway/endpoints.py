@@ -249,6 +249,7 @@ class RequestHead:
     items: list[tuple[str, str]]
     remote: str
     secure: bool
+    raw: bytes = b""  # the head as received, when the server read it
 
     def getall(self, name: str) -> list[str]:
         """The values of the header named ``name`` (lower case), in order."""
@@ -507,7 +508,10 @@ class Gateway:
         answers to each other.
         """
         started = time.perf_counter()
-        key = (head.remote, head.secure, head.raw_path, *head.items)
+        # The bytes read, when there are: their hash is kept with them (the server reads each
+        # distinct head once), where a tuple of the headers is hashed anew every time.
+        key = ((head.remote, head.secure, head.raw) if head.raw
+               else (head.remote, head.secure, head.raw_path, *head.items))
         try:
             plan = self._plans[key]
         except KeyError:

@@ -26,7 +26,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import pytest
 from aiohttp import web
 
-from gateway.app import LIVE, GatewaySite, Live, create_app, server_options
+from gateway.app import (
+    _HEAD_MEMO,
+    LIVE,
+    GatewaySite,
+    Live,
+    _HeadReader,
+    create_app,
+    server_options,
+)
 from gateway.config import parse_config
 from gateway.endpoints import _PLAN_MEMO, RequestFacts, RequestHead, WholeAnswer, _KeptAccess
 from gateway.models import Identity, Session, TokenSet
@@ -387,6 +395,32 @@ async def test_plans_are_bounded(served: Served) -> None:
         assert answer is not None
         assert answer.status == 401
     assert 0 < len(served.live.current.gateway._plans) <= _PLAN_MEMO
+
+
+def test_heads_read_once_are_the_heads_read_anew_and_the_memo_is_bounded() -> None:
+    """Heads are read once per distinct bytes, address and scheme (the server's memo): the
+    same bytes from another client or over TLS are that client's head; a head the parser
+    refuses stays refused; past _HEAD_MEMO distinct heads the memo starts over."""
+    memo: dict[tuple[bytes, str, bool], RequestHead | None] = {}
+    data = b"GET /a?x=1 HTTP/1.1\r\nHost: gw\r\nAccept: */*\r\n\r\n"
+    first = _HeadReader("10.0.0.1", False, memo).read(data)
+    again = _HeadReader("10.0.0.1", False, memo).read(data)
+    fresh = _HeadReader("10.0.0.1", False).read(data)
+    assert first is again
+    assert first == fresh
+    assert first is not None
+    assert (first.raw_path, first.items) == ("/a?x=1", [("Host", "gw"), ("Accept", "*/*")])
+    other = _HeadReader("10.0.0.2", True, memo).read(data)
+    assert other is not None
+    assert (other.remote, other.secure) == ("10.0.0.2", True)
+    assert (first.remote, first.secure) == ("10.0.0.1", False)
+    closing = b"GET /a HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    assert _HeadReader("10.0.0.1", False, memo).read(closing) is None
+    assert _HeadReader("10.0.0.1", False, memo).read(closing) is None
+    reader = _HeadReader("10.0.0.1", False, memo)
+    for i in range(_HEAD_MEMO + 10):
+        assert reader.read(b"GET /n/%d HTTP/1.1\r\nHost: gw\r\n\r\n" % i) is not None
+    assert 0 < len(memo) <= _HEAD_MEMO
 
 
 async def test_a_reload_replaces_the_plans(served: Served) -> None:
