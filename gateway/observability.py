@@ -374,8 +374,8 @@ class LineTemplate:
         found: list[tuple[int, str, int]] = []
         for mark, slot in marks.items():
             quoted = f'"{mark}"'
-            if text.count(quoted) != 1:
-                self._formatter, self._parts = formatter, None
+            if text.count(quoted) != 1:  # not again for this formatter and process
+                self._formatter, self._pid, self._parts = formatter, os.getpid(), None
                 return None
             found.append((text.index(quoted), quoted, slot))
         found.sort()

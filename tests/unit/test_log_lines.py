@@ -253,6 +253,16 @@ def test_a_template_whose_marker_shows_in_a_field_logs_the_standard_way(
     assert template.line("rid") is None
     (line,) = lines(stream)
     assert (line["path"], line["request_id"]) == (fields["path"], "rid")
+    made: list[int] = []
+
+    def drawn(n: int) -> str:
+        made.append(n)
+        return "f" * 2 * n
+
+    monkeypatch.setattr("gateway.observability.secrets.token_hex", drawn)
+    assert template.line("again") is None
+    assert made == []  # not cut again for every line
+    assert lines(stream)[1]["request_id"] == "again"
 
 
 def test_a_template_under_another_set_up_or_level_logs_the_standard_way(
