@@ -55,6 +55,7 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.idp import IdentityProvider
 from gateway.observability import (
     METRICS_CONTENT_TYPE,
+    HeldLines,
     LineStreamHandler,
     MeteredStore,
     Metrics,
@@ -702,42 +703,49 @@ def _whole(answer: WholeAnswer) -> bytes:
 
 
 class TurnWriter:
-    """The answers decided at once in one event-loop turn, and their log lines: written at
-    the turn's end, the lines of all of them with one write(2), then each answer. A reader of
-    the log who just got an answer still finds its lines there; one write per line cost a
-    401 under load about a fifth of its CPU (issue 7). The answers wait for no I/O: the
-    write is the next callback the loop runs, before it polls for more."""
+    """The answers written at the end of an event-loop turn, and their log lines: the lines
+    of all of them with one write(2), then each answer. A reader of the log who just got an
+    answer still finds its lines there; one write per line cost a 401 under load about a
+    fifth of its CPU (issue 7). The answers wait for no I/O: the write is the next callback
+    the loop runs, before it polls for more. Requests answered at once, and whole answers
+    to requests read by :meth:`GatewayRequestHandler.start` on a connection that stays open,
+    go this way; any other answer first has them all written (:meth:`flush`)."""
 
-    __slots__ = ("_answers", "_handler", "_lines", "_loop")
+    __slots__ = ("_answers", "_due", "_loop", "lines")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._answers: list[tuple[asyncio.Transport, bytes]] = []
-        self._handler: LineStreamHandler | None = None
-        self._lines: list[str] = []
+        self._due = False
+        self.lines = HeldLines()
+
+    def hold(self, handler: LineStreamHandler, line: str) -> None:
+        self.lines.hold(handler, line)
+        self._flush_soon()
+
+    def hold_info(self, logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
+        self.lines.hold_info(logger, message, fields)
+        self._flush_soon()
 
     def add(self, transport: asyncio.Transport, data: bytes,
-            lines: Sequence[tuple[LineStreamHandler, str]]) -> None:
-        if not self._answers:
-            self._loop.call_soon(self.flush)
+            lines: Sequence[tuple[LineStreamHandler, str]] = ()) -> None:
         for handler, line in lines:
-            if handler is not self._handler:  # the logging set-up changed: keep the order
-                self._write_lines()
-                self._handler = handler
-            self._lines.append(line)
+            self.lines.hold(handler, line)
         self._answers.append((transport, data))
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if not self._due:
+            self._due = True
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        self._write_lines()
+        self._due = False
+        self.lines.write()
         answers, self._answers = self._answers, []
         for transport, data in answers:
             if not transport.is_closing():
                 transport.write(data)
-
-    def _write_lines(self) -> None:
-        if self._lines and self._handler is not None:
-            lines, self._lines = self._lines, []
-            self._handler.emit_lines(lines)
 
 
 class GatewayRequestHandler(web.RequestHandler):
@@ -767,6 +775,9 @@ class GatewayRequestHandler(web.RequestHandler):
         self._at_once = at_once
         self._turn = turn if turn is not None else TurnWriter(self._loop)
         self._head_memo = head_memo
+        # Where the request being answered by start() holds its log lines (read by
+        # Gateway.handle), while it is; None for requests aiohttp's own loop answers.
+        self.held_lines: TurnWriter | None = None
         self._arrived = arrived
         # The session cache's mark for the requests in the bytes last received (Live.
         # request_arrived); None when they carried no cookie. Read by Gateway._open.
@@ -928,9 +939,12 @@ class GatewayRequestHandler(web.RequestHandler):
                 if not self._force_close:  # as aiohttp ends a connection that is not kept
                     self._task_handler = None
                     if self.transport is not None:
+                        self._turn.flush()  # its answer, if it waits for the turn's end
                         self.transport.close()
                 return
             self._keep_alive_until_idle()
+            if messages:  # requests sent ahead: their answers' backlog must show
+                self._turn.flush()
             if self.writing_paused:
                 # A client that sends requests without reading the answers: take no more of
                 # them until it has (whole answers are written without waiting).
@@ -951,11 +965,17 @@ class GatewayRequestHandler(web.RequestHandler):
         """Answer one request in the connection's task; whether the connection is kept."""
         self._request_in_progress = True
         self._current_request = request
+        turn = self._turn
+        self.held_lines = turn
         try:
-            response = await handler(request)
+            try:
+                response = await handler(request)
+            finally:
+                self.held_lines = None
             if not response.prepared and _is_whole(response):
                 self._write_whole(request, response)
-            else:
+            else:  # the answers before it go first, and every line held
+                turn.flush()
                 await response.prepare(request)
                 await response.write_eof()
         except ConnectionError:  # the client left while its answer was being written
@@ -1016,7 +1036,12 @@ class GatewayRequestHandler(web.RequestHandler):
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
-        transport.write(head if empty or not body else head + body)
+        data = head if empty or not body else head + body
+        if keep_alive:  # with the turn's other answers, after their lines (TurnWriter)
+            self._turn.add(transport, data)
+        else:  # the connection is closed right after: out now, after what is held
+            self._turn.flush()
+            transport.write(data)
         response._eof_sent = True  # prepared: nothing more goes out for it
 
     def log_exception(self, *args: Any, **kw: Any) -> None:

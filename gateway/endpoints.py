@@ -22,7 +22,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Final
+from typing import Any, Final, Protocol
 from urllib.parse import quote, urlsplit
 
 import orjson
@@ -260,6 +260,14 @@ class RequestHead:
         return next((value for key, value in self.items if key.lower() == name), "")
 
 
+class LineSink(Protocol):
+    """Where the server holds a request's log lines until it writes them, before its answer
+    (``app.TurnWriter``)."""
+
+    def hold_info(self, logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class _AtOncePlan:
     """What :meth:`Gateway.answer_at_once` decided for one distinct request head."""
@@ -493,7 +501,8 @@ class Gateway:
         if not response.prepared:  # a streamed answer got it with its headers (_proxy)
             response.headers[REQUEST_ID_HEADER] = request_id
         self._account(request.method, request.remote, request_id, facts, response.status,
-                      route_name, own, error, time.perf_counter() - started)
+                      route_name, own, error, time.perf_counter() - started,
+                      held=getattr(request.protocol, "held_lines", None))
         return response
 
     def answer_at_once(self, head: RequestHead) -> WholeAnswer | None:
@@ -644,11 +653,13 @@ class Gateway:
     def _account(
         self, method: str, remote: str | None, request_id: str, facts: RequestFacts | None,
         status: int, route: str, own: bool, error: RequestError | None, elapsed: float,
+        held: LineSink | None = None,
     ) -> None:
         """Metrics, the audit line (one per access decision) and the access line of a request.
 
         Never a token, cookie, session id or query string: the path and the user name are as
-        much as a log line says about what was asked and by whom.
+        much as a log line says about what was asked and by whom. ``held``: where the server
+        holds the lines until it writes them, before the answer (app.TurnWriter).
         """
         outcome = facts.outcome if facts is not None else Outcome()
         decision = outcome.final(status, own_endpoint=own)
@@ -660,7 +671,10 @@ class Gateway:
         for logger, message, fields in self._log_lines(
                 method, remote, request_id, facts, status, route, decision, error,
                 round(elapsed * 1000, 2)):
-            log_info(logger, message, fields)
+            if held is not None:
+                held.hold_info(logger, message, fields)
+            else:
+                log_info(logger, message, fields)
 
     def _log_lines(
         self, method: str, remote: str | None, request_id: str, facts: RequestFacts | None,

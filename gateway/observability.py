@@ -42,6 +42,7 @@ __all__ = [
     "DECISIONS",
     "METRICS_CONTENT_TYPE",
     "REQUEST_ID_HEADER",
+    "HeldLines",
     "JsonFormatter",
     "LineStreamHandler",
     "LineTemplate",
@@ -287,6 +288,41 @@ def _our_handler(logger: logging.Logger) -> tuple[LineStreamHandler, JsonFormatt
     ):
         return None
     return handler, formatter
+
+
+class HeldLines:
+    """Formatted lines held until :meth:`write`: the lines of answers that the server writes
+    at the end of an event-loop turn (``app.TurnWriter``), all with one write(2), before any
+    of those answers (a reader of the log who has an answer finds its lines)."""
+
+    __slots__ = ("_handler", "_lines")
+
+    def __init__(self) -> None:
+        self._handler: LineStreamHandler | None = None
+        self._lines: list[str] = []
+
+    def hold(self, handler: LineStreamHandler, line: str) -> None:
+        if handler is not self._handler:  # the logging set-up changed: keep the order
+            self.write()
+            self._handler = handler
+        self._lines.append(line)
+
+    def hold_info(self, logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
+        """:func:`log_info`, the line held when the logging set-up is ours alone (any other
+        set-up gets it at once)."""
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        ours = _our_handler(logger)
+        if ours is None:
+            logger.info(message, extra=fields)
+            return
+        handler, formatter = ours
+        self.hold(handler, formatter.format_fields(logger.name, message, fields))
+
+    def write(self) -> None:
+        if self._lines and self._handler is not None:
+            lines, self._lines = self._lines, []
+            self._handler.emit_lines(lines)
 
 
 def log_info(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import re
 import socket
@@ -314,6 +315,27 @@ async def test_pipelined_heads_are_answered_in_order_by_handle(served: Served) -
         conn.close()
     assert (first.status, first.body) == (200, b"slow")
     assert second.status == 401
+    assert served.answered == []
+
+
+async def test_pipelined_answers_of_handle_keep_their_order_to_the_last_that_closes(
+    served: Served,
+) -> None:
+    """Whole answers of handle() on a kept connection go out at the end of the event-loop
+    turn (app.TurnWriter); one that closes the connection goes out at once, but never ahead
+    of those before it, and never lost to the close."""
+    other = "Cookie: unrelated=1"  # not the gateway's cookie: handle() answers, no store I/O
+    conn = await Conn.open(served.port)
+    try:
+        await conn.send(head("/one", JSON, other) + head("/two", JSON, other)
+                        + head("/three", JSON, other, "Connection: close"))
+        answers = [await conn.answer() for _ in range(3)]
+        assert await conn.closed()
+    finally:
+        conn.close()
+    assert [a.status for a in answers] == [401, 401, 401]
+    assert [json.loads(a.body)["login_url"].rsplit("rd=", 1)[1] for a in answers] == [
+        "%2Fone", "%2Ftwo", "%2Fthree"]
     assert served.answered == []
 
 

@@ -249,6 +249,26 @@ async def test_a_request_answered_at_once_finds_its_lines_written_before_its_ans
     assert fast["decision"] == "unauthenticated_401"
 
 
+async def test_a_signed_in_answer_finds_its_lines_written_before_it(world: World) -> None:
+    """Whole answers of signed-in requests also wait for the end of the event-loop turn, their
+    lines written first, together (issue 7): a client holding its answer finds them."""
+    gw = await world.start_with(logging={"access_log": True})
+    async with browser() as bob:
+        assert await bob_login(bob, f"{gw.url}/app/page") == 200
+
+        async def fetch(i: int) -> tuple[int, str, set[str]]:
+            async with bob.get(f"{gw.url}/app/echo?n={i}") as r:
+                request_id = r.headers["X-Request-Id"]
+                written = {line["logger"] for line in log_lines(gw)
+                           if line.get("request_id") == request_id}
+                return r.status, request_id, written
+
+        answers = await asyncio.gather(*(fetch(i) for i in range(20)))
+    for status, request_id, written in answers:
+        assert status == 200
+        assert written == {"gateway.audit", "gateway.access"}, request_id
+
+
 async def test_a_trusted_proxys_request_id_is_kept_and_anyone_elses_replaced(
     world: World,
 ) -> None:
