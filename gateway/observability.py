@@ -310,14 +310,9 @@ class HeldLines:
     def hold_info(self, logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
         """:func:`log_info`, the line held when the logging set-up is ours alone (any other
         set-up gets it at once)."""
-        if not logger.isEnabledFor(logging.INFO):
-            return
-        ours = _our_handler(logger)
-        if ours is None:
-            logger.info(message, extra=fields)
-            return
-        handler, formatter = ours
-        self.hold(handler, formatter.format_fields(logger.name, message, fields))
+        made = _info_line(logger, message, fields)
+        if made is not None:
+            self.hold(*made)
 
     def write(self) -> None:
         if self._lines and self._handler is not None:
@@ -333,14 +328,25 @@ def log_info(logger: logging.Logger, message: str, fields: dict[str, Any]) -> No
     is ours alone (:func:`_our_handler`), the line is formatted straight from ``fields``; any
     other set-up takes the standard path.
     """
+    made = _info_line(logger, message, fields)
+    if made is not None:
+        made[0].emit_fields(made[1])
+
+
+def _info_line(
+    logger: logging.Logger, message: str, fields: dict[str, Any]
+) -> tuple[LineStreamHandler, str] | None:
+    """The line of ``logger.info(message, extra=fields)`` and the handler to write it with,
+    when the logging set-up is ours alone; else None: the line went the standard way at once,
+    or the level is off."""
     if not logger.isEnabledFor(logging.INFO):
-        return
+        return None
     ours = _our_handler(logger)
     if ours is None:
         logger.info(message, extra=fields)
-        return
+        return None
     handler, formatter = ours
-    handler.emit_fields(formatter.format_fields(logger.name, message, fields))
+    return handler, formatter.format_fields(logger.name, message, fields)
 
 
 class LineTemplate:
