@@ -719,10 +719,6 @@ class TurnWriter:
         self._due = False
         self.lines = HeldLines()
 
-    def hold(self, handler: LineStreamHandler, line: str) -> None:
-        self.lines.hold(handler, line)
-        self._flush_soon()
-
     def hold_info(self, logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
         self.lines.hold_info(logger, message, fields)
         self._flush_soon()
