@@ -12,7 +12,9 @@ import contextlib
 import secrets
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -31,6 +33,16 @@ pytestmark = pytest.mark.redis
 def server(redis_server_factory: RedisServerFactory) -> RedisServer:
     """A server with a password, which a test may freeze, restart or stop."""
     return redis_server_factory(persist=False, password="lane-" + secrets.token_hex(8))
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str, **options: Any) -> AsyncIterator[RedisStore]:
+    """A store on ``url``, closed when the block ends."""
+    store = RedisStore.from_url(url, **options)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def url_with_db(server: RedisServer, db: int) -> str:
@@ -62,8 +74,7 @@ async def test_commands_reach_the_configured_database_with_the_password(
 async def test_concurrent_callers_each_get_their_own_answer(server: RedisServer) -> None:
     """Replies come back in the order asked: 300 callers at once, half of them on keys already
     taken, each told exactly its own outcome."""
-    store = RedisStore.from_url(server.url, prefix="many:")
-    try:
+    async with opened(server.url, prefix="many:") as store:
         taken = [f"l:used:{i}" for i in range(0, 300, 2)]
         await asyncio.gather(*(store.set_new(key, b"first", 60) for key in taken))
         keys = [f"l:used:{i}" for i in range(300)]
@@ -82,8 +93,6 @@ async def test_concurrent_callers_each_get_their_own_answer(server: RedisServer)
         await asyncio.gather(*(store.delete(f"s:{i}") for i in range(1, 300, 3)))
         left = await asyncio.gather(*(store.get(f"s:{i}") for i in range(300)))
         assert left == [b"v%d" % i if i % 3 == 2 else None for i in range(300)]
-    finally:
-        await store.close()
 
 
 async def test_an_error_reply_is_a_store_error_naming_the_operation(
@@ -104,14 +113,11 @@ async def test_an_error_reply_is_a_store_error_naming_the_operation(
 
 async def test_a_wrong_password_fails_closed_without_the_password(server: RedisServer) -> None:
     wrong = "wrong-" + secrets.token_hex(8)
-    store = RedisStore.from_url(f"redis://:{wrong}@127.0.0.1:{server.port}/0")
-    try:
+    async with opened(f"redis://:{wrong}@127.0.0.1:{server.port}/0") as store:
         with pytest.raises(SessionStoreError) as info:
             await store.set_new("l:used:x", b"1", 60)
         assert f"127.0.0.1:{server.port}" in str(info.value)
         assert wrong not in str(info.value)
-    finally:
-        await store.close()
 
 
 async def test_a_frozen_server_fails_within_the_deadline_and_answers_stay_matched(
@@ -119,8 +125,7 @@ async def test_a_frozen_server_fails_within_the_deadline_and_answers_stay_matche
 ) -> None:
     """A caller that stops waiting leaves the connection: the answer it leaves behind never
     reaches the next caller."""
-    store = RedisStore.from_url(server.url, prefix="frozen:", command_timeout=0.3)
-    try:
+    async with opened(server.url, prefix="frozen:", command_timeout=0.3) as store:
         assert await store.set_new("l:warm", b"1", 60)
         server.freeze()
         try:
@@ -134,15 +139,12 @@ async def test_a_frozen_server_fails_within_the_deadline_and_answers_stay_matche
         assert await store.set_new(fresh, b"1", 60)
         assert not await store.set_new(fresh, b"1", 60)
         assert not await store.set_new("l:warm", b"1", 60)
-    finally:
-        await store.close()
 
 
 async def test_a_restart_is_invisible_and_a_stopped_server_fails_fast(
     server: RedisServer,
 ) -> None:
-    store = RedisStore.from_url(server.url, prefix="restart:")
-    try:
+    async with opened(server.url, prefix="restart:") as store:
         assert await store.set_new("l:before", b"1", 60)
         server.stop()
         server.start()
@@ -154,8 +156,6 @@ async def test_a_restart_is_invisible_and_a_stopped_server_fails_fast(
         assert time.monotonic() - started < 2.0
         server.start()
         assert await store.set_new("l:down", b"1", 60)
-    finally:
-        await store.close()
 
 
 async def test_a_unix_socket_server_is_served_too(
@@ -180,14 +180,11 @@ def test_under_uvloop_as_the_gateway_runs(server: RedisServer) -> None:
     """The gateway serves on uvloop, whose transports are not asyncio's own classes."""
 
     async def scenario() -> list[bool]:
-        store = RedisStore.from_url(server.url, prefix="uvloop:")
-        try:
+        async with opened(server.url, prefix="uvloop:") as store:
             return list(await asyncio.gather(
                 store.set_new("l:one", b"1", 60), store.set_new("l:one", b"1", 60),
                 store.set_new_indexed("s:uv", b"sealed", 60,
                                       [IndexEntry("x:sub:uv", "uv", b"meta", 600)])))
-        finally:
-            await store.close()
 
     assert uvloop.run(scenario()) == [True, False, True]
 
