@@ -662,6 +662,11 @@ class _HeadReader:
     def on_message_complete(self) -> None:
         self.done = True
 
+    def known(self, data: bytes) -> RequestHead | None:
+        """The head ``data`` was read as before, if it was one to answer at once; else None
+        (never read, or not such a head)."""
+        return self.memo.get((data, self.remote, self.secure))
+
     def read(self, data: bytes) -> RequestHead | None:
         """``data`` must be ASCII and hold exactly one request head."""
         key = (data, self.remote, self.secure)
@@ -692,7 +697,17 @@ def _whole(answer: WholeAnswer) -> bytes:
     """An answer decided at once, framed as :meth:`GatewayRequestHandler._write_whole` frames
     a ``web.Response`` to an HTTP/1.1 keep-alive request (the headers in the same order).
     No value holds CR or LF: ``Gateway.answer_at_once`` sends constants, a request id (hex,
-    or a trusted proxy's checked one), a checked cookie and a provider URL it checked."""
+    or a trusted proxy's checked one), a checked cookie and a provider URL it checked.
+
+    An answer with a ``frame`` is joined from that frame's bytes, made once (:class:`_Frame`):
+    the 401s of one request head differ only in their request id."""
+    if answer.frame is not None:
+        frame = _FRAMES.get(answer.frame)
+        if frame is None:
+            if len(_FRAMES) >= _FRAME_MEMO:
+                _FRAMES.clear()
+            frame = _FRAMES[answer.frame] = _Frame(answer)
+        return frame.bytes_with(answer.headers[-1][1])
     head = "".join([
         f"HTTP/1.1 {answer.status} {answer.reason}\r\n",
         *[f"{name}: {value}\r\n" for name, value in answer.headers],
@@ -700,6 +715,39 @@ def _whole(answer: WholeAnswer) -> bytes:
         f"Server: {SERVER_SOFTWARE}\r\n\r\n",
     ])
     return head.encode("ascii") + answer.body
+
+
+class _Frame:
+    """The constant bytes of the answers that share a ``WholeAnswer.frame``, cut around the
+    last header's value and the date, as :func:`_whole` would write them (issue 7: formatting
+    every header of every 401 anew was a tenth of its CPU)."""
+
+    __slots__ = ("_date", "_date_text", "_head", "_middle", "_tail")
+
+    def __init__(self, answer: WholeAnswer) -> None:
+        *fixed, (last, _) = answer.headers
+        self._head = "".join([
+            f"HTTP/1.1 {answer.status} {answer.reason}\r\n",
+            *[f"{name}: {value}\r\n" for name, value in fixed], f"{last}: ",
+        ]).encode("ascii")
+        self._middle = f"\r\nContent-Length: {len(answer.body)}\r\nDate: ".encode("ascii")
+        self._tail = f"\r\nServer: {SERVER_SOFTWARE}\r\n\r\n".encode("ascii") + answer.body
+        self._date_text = ""
+        self._date = b""
+
+    def bytes_with(self, value: str) -> bytes:
+        """The answer whose last header has ``value`` (ASCII, no CR or LF), dated now."""
+        text = rfc822_formatted_time()
+        if text is not self._date_text:  # aiohttp makes the text anew once a second
+            self._date_text, self._date = text, text.encode("ascii")
+        return b"".join((self._head, value.encode("ascii"), self._middle, self._date,
+                         self._tail))
+
+
+# Frames kept (_whole), one per distinct request head answered at once with a 401 at most;
+# past this many the memo starts over.
+_FRAME_MEMO: Final = 1024
+_FRAMES: dict[object, _Frame] = {}
 
 
 class TurnWriter:
@@ -815,8 +863,14 @@ class GatewayRequestHandler(web.RequestHandler):
         heads = self._heads
         credentials: bool | None = None
         if self._reading_heads and heads is not None:
-            credentials = _has_credentials(data)
-            head = None if credentials else self._head_of(heads, data)
+            # A head read before (an API client polling, wrk) is found by its bytes first:
+            # it was checked when it was read, and holds no credentials.
+            head = heads.known(data)
+            if head is not None and self._can_answer_at_once():
+                credentials = False
+            else:
+                credentials = _has_credentials(data)
+                head = None if credentials else self._head_of(heads, data)
             if head is not None:
                 answer = self._answer_at_once(head)
                 if answer is not None:
@@ -846,9 +900,12 @@ class GatewayRequestHandler(web.RequestHandler):
             log.exception("request not answered at once")
             return None
 
-    def _head_of(self, heads: _HeadReader, data: bytes) -> RequestHead | None:
+    def _can_answer_at_once(self) -> bool:
         # Writing paused: a client that does not read its answers waits in start().
-        if (self._force_close or self._close or self.writing_paused or len(data) > _AT_ONCE_MAX
+        return not (self._force_close or self._close or self.writing_paused)
+
+    def _head_of(self, heads: _HeadReader, data: bytes) -> RequestHead | None:
+        if (not self._can_answer_at_once() or len(data) > _AT_ONCE_MAX
                 or not data.startswith(b"GET ") or data.find(b"\r\n\r\n") != len(data) - 4
                 or not data.isascii()):
             return None

@@ -280,6 +280,8 @@ class _AtOncePlan:
     body: bytes  # the 401's
     decision: str  # the metrics' decision label of its answer
     lines: tuple[LineTemplate, ...]  # its audit and access lines, but for id and duration
+    # Its 401s differ only in the request id, their last header (WholeAnswer.frame).
+    frame: object = field(default_factory=object, compare=False)
 
 
 # Distinct request heads whose plan is kept (Gateway.answer_at_once): each at most
@@ -287,9 +289,13 @@ class _AtOncePlan:
 _PLAN_MEMO = 1024
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WholeAnswer:
-    """An answer decided at once: the server frames it (Content-Length, Date, Server)."""
+    """An answer decided at once: the server frames it (Content-Length, Date, Server).
+
+    Not frozen: one is made per request answered at once, and a frozen dataclass's
+    ``__init__`` sets each field through ``object.__setattr__`` (4 % of a 401, issue 7).
+    """
 
     status: int
     reason: str
@@ -297,6 +303,9 @@ class WholeAnswer:
     body: bytes
     # Its log lines, formatted, to be written before it is sent (app's turn writer).
     lines: list[tuple[LineStreamHandler, str]] = field(default_factory=list)
+    # Answers with the same frame (not None) have the same status, reason, body and headers
+    # but for the value of the last header: the server frames their constant bytes once.
+    frame: object | None = None
 
 
 def _split_target(raw_target: str, host_header: str) -> tuple[str, str]:
@@ -539,7 +548,8 @@ class Gateway:
                 return None
         else:
             answer = WholeAnswer(401, "Unauthorized",
-                                 [*plan.headers, (REQUEST_ID_HEADER, request_id)], plan.body)
+                                 [*plan.headers, (REQUEST_ID_HEADER, request_id)], plan.body,
+                                 [], plan.frame)
         # _account's work, with the lines made from the plan's templates (and written by the
         # server together with those of the other answers of this event-loop turn).
         elapsed = time.perf_counter() - started

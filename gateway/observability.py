@@ -360,7 +360,7 @@ class LineTemplate:
     in place of the variable values, so the two can never differ.
     """
 
-    __slots__ = ("_formatter", "_parts", "_pid", "_slots", "fields", "logger", "message",
+    __slots__ = ("_formatter", "_pairs", "_parts", "_pid", "fields", "logger", "message",
                  "variables")
 
     def __init__(
@@ -373,10 +373,11 @@ class LineTemplate:
         self.variables = tuple(variables)
         self._formatter: JsonFormatter | None = None
         self._pid = 0
-        # The text between the variable values, and which value goes after each part (-1:
-        # the time); None when the markers could not be told apart from the fields.
+        # The text between the variable values; None when the markers could not be told
+        # apart from the fields. Then, for each value, which one it is (-1: the time) and the
+        # text after it.
         self._parts: tuple[str, ...] | None = None
-        self._slots: tuple[int, ...] = ()
+        self._pairs: tuple[tuple[int, str], ...] = ()
 
     def line(self, *values: Any) -> tuple[LineStreamHandler, str] | None:
         """The line with these ``values`` of :attr:`variables` and the handler to write it
@@ -399,7 +400,7 @@ class LineTemplate:
             return None
         handler, formatter = ours
         pieces = [parts[0]]
-        for slot, part in zip(self._slots, parts[1:], strict=True):
+        for slot, part in self._pairs:
             pieces.append(f'"{formatter.clock_text(time.time())}"' if slot < 0
                           else _json_text(values[slot]))
             pieces.append(part)
@@ -428,7 +429,8 @@ class LineTemplate:
             start = at + len(quoted)
         parts.append(text[start:])
         self._formatter, self._pid = formatter, os.getpid()
-        self._parts, self._slots = tuple(parts), tuple(slots)
+        self._parts = tuple(parts)
+        self._pairs = tuple(zip(slots, parts[1:], strict=True))
         return self._parts
 
 

@@ -411,6 +411,23 @@ async def test_a_sign_in_after_a_pause_starts_at_once(served: Served) -> None:
     assert served.answered == ["/page"]
 
 
+async def test_the_same_head_again_gets_the_same_401_with_its_own_request_id(
+    served: Served,
+) -> None:
+    """Repeated 401s are joined from bytes framed once: each must still be handle()'s answer,
+    with its own request id and its own log line."""
+    data = head("/again", JSON)
+    slow = await served.ask(data, split=True)
+    fast = [await served.ask(data) for _ in range(3)]
+    assert served.answered == ["/again"] * 3
+    ids = {answer.header("X-Request-Id") for answer in [slow, *fast]}
+    assert len(ids) == 4
+    assert all(re.fullmatch(r"[0-9a-f]{16}", i or "") for i in ids)
+    for answer in fast:
+        assert answer.normal() == slow.normal()
+        assert answer.headers[-1][0] == "Server"
+
+
 async def test_plans_are_bounded(served: Served) -> None:
     for i in range(_PLAN_MEMO + 10):
         answer = served.live.answer_at_once(bare(f"/n/{i}"))
@@ -439,6 +456,10 @@ def test_heads_read_once_are_the_heads_read_anew_and_the_memo_is_bounded() -> No
     closing = b"GET /a HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
     assert _HeadReader("10.0.0.1", False, memo).read(closing) is None
     assert _HeadReader("10.0.0.1", False, memo).read(closing) is None
+    # Found again by its bytes alone (the server's first look), for that client only.
+    assert _HeadReader("10.0.0.1", False, memo).known(data) is first
+    assert _HeadReader("10.0.0.3", False, memo).known(data) is None
+    assert _HeadReader("10.0.0.1", False, memo).known(closing) is None
     reader = _HeadReader("10.0.0.1", False, memo)
     for i in range(_HEAD_MEMO + 10):
         assert reader.read(b"GET /n/%d HTTP/1.1\r\nHost: gw\r\n\r\n" % i) is not None
