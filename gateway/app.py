@@ -771,6 +771,10 @@ class TurnWriter:
         self.lines.hold_info(logger, message, fields)
         self._flush_soon()
 
+    def hold_line(self, handler: LineStreamHandler, line: str) -> None:
+        self.lines.hold(handler, line)
+        self._flush_soon()
+
     def add(self, transport: asyncio.Transport, data: bytes,
             lines: Sequence[tuple[LineStreamHandler, str]] = ()) -> None:
         for handler, line in lines:

@@ -27,6 +27,7 @@ from urllib.parse import quote, urlsplit
 
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from gateway.assertion import AssertionRequest, plan_with_assertion
 from gateway.assertion import jwks as jwk_set
@@ -229,6 +230,9 @@ class RequestFacts:
     forwarded: Forwarded
     # Filled in as the request is decided; shared by copies (dataclasses.replace).
     outcome: Outcome = field(default_factory=Outcome)
+    # What its head settled, kept for the same head sent again (Gateway._facts); None when
+    # the head is not kept.
+    head: KnownHead | None = None
 
     @property
     def origin(self) -> str:
@@ -236,6 +240,27 @@ class RequestFacts:
 
 
 Handler = Callable[[web.BaseRequest, RequestFacts], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class KnownHead:
+    """What a request head settles by itself, kept by the head's exact bytes (with the
+    client's address and scheme) while the config stays: a browser and an API client send
+    the same head again and again (the session cookie included), and working it out anew
+    (the facts, the route, the cleaned headers for the upstream) was a tenth of a signed-in
+    request's CPU (issue 7). Each part is a pure function of the head and the config."""
+
+    host: str
+    host_header: str
+    path: str
+    raw_query: str
+    forwarded: Forwarded
+    items: list[tuple[str, str]]  # the headers as sent
+    routes: dict[str, RouteConfig] = field(default_factory=dict)  # by method
+    # (route, Authorization left out) -> the client's headers cleaned, Host and
+    # X-Forwarded-*, for the upstream; and the upstream URL.
+    upstream: dict[tuple[str, bool], tuple[tuple[tuple[str, str], ...], URL]] = field(
+        default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -267,6 +292,9 @@ class LineSink(Protocol):
     def hold_info(self, logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
         ...
 
+    def hold_line(self, handler: LineStreamHandler, line: str) -> None:
+        """A line already formatted (:meth:`LineTemplate.line`)."""
+
 
 @dataclass(frozen=True, slots=True)
 class _AtOncePlan:
@@ -287,6 +315,12 @@ class _AtOncePlan:
 # Distinct request heads whose plan is kept (Gateway.answer_at_once): each at most
 # app._AT_ONCE_MAX bytes; past this many the memo starts over.
 _PLAN_MEMO = 1024
+# Distinct request heads kept (Gateway._facts, KnownHead), each of at most _KNOWN_HEAD_BYTES
+# of header names and values; past this many the memo starts over.
+_KNOWN_HEADS = 1024
+_KNOWN_HEAD_BYTES = 8192
+# Log line templates kept (Gateway._line_template); past this many the memo starts over.
+_LINE_TEMPLATES = 1024
 
 
 @dataclass(slots=True)
@@ -464,6 +498,10 @@ class Gateway:
         self._spare_ticket: tuple[Ticket, SealingKey] | None = None
         # A request head without credentials -> its plan, or None (answer_at_once).
         self._plans: dict[tuple[object, ...], _AtOncePlan | None] = {}
+        # A request head -> what it settles by itself (_facts).
+        self._known_heads: dict[tuple[object, ...], KnownHead] = {}
+        # A log line's fields but for request id and duration -> its template (_account).
+        self._templates: dict[tuple[object, ...], LineTemplate] = {}
         # Routes with bearer: (API clients): their tokens' checks and introspection cache.
         self.bearer = BearerAuthenticator(config, idp, clock=clock)
 
@@ -495,7 +533,7 @@ class Gateway:
             elif facts.path == self.prefix or facts.path.startswith(self.prefix + "/"):
                 raise NotFound("the gateway has no endpoint at this path")
             else:
-                route = self._match_route(facts.host, facts.path, request.method)
+                route = self._route_of(facts, request.method)
                 route_name = route.name
                 response, _ = await self._proxy(request, facts, route, expects=expects)
         except RequestError as exc:
@@ -678,13 +716,40 @@ class Gateway:
             self.metrics.logins.labels("ok" if status == 302 else "failed").inc()
         elif own and route == self.sign_out_path and status >= 500:
             self.metrics.logouts.labels("failed").inc()
+        duration_ms = round(elapsed * 1000, 2)
         for logger, message, fields in self._log_lines(
                 method, remote, request_id, facts, status, route, decision, error,
-                round(elapsed * 1000, 2)):
-            if held is not None:
-                held.hold_info(logger, message, fields)
-            else:
+                duration_ms):
+            if held is None:
                 log_info(logger, message, fields)
+                continue
+            template = self._line_template(logger, message, fields)
+            if template is None:
+                held.hold_info(logger, message, fields)
+                continue
+            made = template.line(request_id, duration_ms)
+            if made is not None:  # None: the logging set-up is not ours alone, it went out
+                held.hold_line(*made)
+
+    def _line_template(
+        self, logger: logging.Logger, message: str, fields: dict[str, object]
+    ) -> LineTemplate | None:
+        """The template of this line but for its request id and duration, kept by the
+        rest of its fields: a signed-in user's requests to a page log the same line again and
+        again (issue 7: encoding it was a twentieth of a signed-in GET's CPU). None when a
+        field's value cannot be a key."""
+        key = (logger, message, *[item for item in fields.items()
+                                  if item[0] != "request_id" and item[0] != "duration_ms"])
+        try:
+            template = self._templates.get(key)
+        except TypeError:
+            return None
+        if template is None:
+            if len(self._templates) >= _LINE_TEMPLATES:
+                self._templates.clear()
+            template = self._templates[key] = LineTemplate(
+                logger, message, fields, ("request_id", "duration_ms"))
+        return template
 
     def _log_lines(
         self, method: str, remote: str | None, request_id: str, facts: RequestFacts | None,
@@ -722,10 +787,26 @@ class Gateway:
         return lines
 
     def _facts(self, request: web.BaseRequest, request_id: str) -> RequestFacts:
-        return self._facts_of(
-            list(request.headers.items()), request.headers.getall("Host", ()),
-            request.raw_path, secure=request.secure, remote=request.remote,
-            request_id=request_id)
+        """:meth:`_facts_of` the request, from the memo when its head was seen before
+        (:class:`KnownHead`: the same raw headers, path, address and scheme)."""
+        raw_headers = request.raw_headers
+        key = (request.raw_path, raw_headers, request.remote, request.secure)
+        known = self._known_heads.get(key)
+        if known is not None:
+            return RequestFacts(request_id, known.host, known.host_header, known.path,
+                                known.raw_query, known.forwarded, Outcome(), known)
+        items = list(request.headers.items())
+        facts = self._facts_of(
+            items, request.headers.getall("Host", ()), request.raw_path,
+            secure=request.secure, remote=request.remote, request_id=request_id)
+        if sum(len(name) + len(value) for name, value in raw_headers) > _KNOWN_HEAD_BYTES:
+            return facts
+        known = KnownHead(facts.host, facts.host_header, facts.path, facts.raw_query,
+                          facts.forwarded, items)
+        if len(self._known_heads) >= _KNOWN_HEADS:
+            self._known_heads.clear()
+        self._known_heads[key] = known
+        return replace(facts, head=known)
 
     def _facts_of(
         self, items: list[tuple[str, str]], hosts: Sequence[str], raw_target: str, *,
@@ -1087,6 +1168,16 @@ class Gateway:
             )
         return route
 
+    def _route_of(self, facts: RequestFacts, method: str) -> RouteConfig:
+        """:meth:`_match_route` for the request, kept with its head (:class:`KnownHead`)."""
+        known = facts.head
+        if known is None:
+            return self._match_route(facts.host, facts.path, method)
+        route = known.routes.get(method)
+        if route is None:
+            route = known.routes[method] = self._match_route(facts.host, facts.path, method)
+        return route
+
     def _memo_of(self, identity: Identity) -> dict[tuple[object, ...], object]:
         """The results kept for this Identity object, dropped when it is collected."""
         key = id(identity)
@@ -1181,24 +1272,23 @@ class Gateway:
         if expects:  # allowed: now the body is wanted
             await self._continue(request)
         identity: Identity | None = access.identity
-        host_header = facts.host_header if route.pass_host_header else urlsplit(
-            route.upstream).netloc
-        client_headers = list(request.headers.items())
-        if facts.outcome.auth == "bearer" and not route.pass_access_token:
-            # The token authenticated the request to the gateway; the app gets it only when
-            # the route passes tokens on.
-            client_headers = [h for h in client_headers if canonical(h[0]) != "authorization"]
-        headers = self.header_policy.upstream_request_headers(
-            client_headers,
-            identity=identity,
-            access_token=access_token,
-            forwarded=facts.forwarded,
-            host_header=host_header,
-            added=await self._identity_headers(facts, route, identity, access_token),
+        # The token authenticated the request to the gateway; the app gets it only when the
+        # route passes tokens on.
+        no_authorization = facts.outcome.auth == "bearer" and not route.pass_access_token
+        known = facts.head
+        planned = (known.upstream.get((route.name, no_authorization)) if known is not None
+                   else None)
+        if planned is None:
+            planned = self._upstream_plan(request, facts, route, no_authorization)
+            if known is not None:
+                known.upstream[(route.name, no_authorization)] = planned
+        forwarded_headers, url = planned
+        headers = [
+            *forwarded_headers,
+            *await self._identity_headers(facts, route, identity, access_token),
             # The app logs the same id as the gateway: whatever the client sent is replaced.
-            request_id=facts.request_id,
-        )
-        url = upstream_url(route.upstream, encode_path(facts.path), facts.raw_query)
+            (REQUEST_ID_HEADER, facts.request_id),
+        ]
         user = identity.user if identity else None
         if is_websocket(request):
             return await self.proxy.websocket(
@@ -1213,6 +1303,25 @@ class Gateway:
             answer.release()  # the upstream connection is closed, not left half-read
             raise
         return await self.proxy.relay(request, answer, out_headers), user
+
+    def _upstream_plan(
+        self, request: web.BaseRequest, facts: RequestFacts, route: RouteConfig,
+        no_authorization: bool,
+    ) -> tuple[tuple[tuple[str, str], ...], URL]:
+        """The client's headers for the upstream (cleaned, with Host and X-Forwarded-*; the
+        identity headers and the request id follow them) and the upstream URL: what
+        :meth:`HeaderPolicy.upstream_request_headers` and the route make of this head."""
+        host_header = facts.host_header if route.pass_host_header else urlsplit(
+            route.upstream).netloc
+        client_headers = facts.head.items if facts.head is not None else list(
+            request.headers.items())
+        if no_authorization:
+            client_headers = [h for h in client_headers if canonical(h[0]) != "authorization"]
+        forwarded_headers = self.header_policy.client_headers_forwarded(
+            client_headers, forwarded=facts.forwarded, host_header=host_header,
+            replace_request_id=True)
+        url = upstream_url(route.upstream, encode_path(facts.path), facts.raw_query)
+        return tuple(forwarded_headers), url
 
     async def _identity_headers(
         self, facts: RequestFacts, route: RouteConfig, identity: Identity | None,

@@ -467,7 +467,27 @@ class HeaderPolicy:
         preferred username or access token that cannot is left out; so is a group that
         cannot, or whose name contains "," (it would read as two groups).
         """
-        drop = self._drop if request_id is None else self._drop_id
+        out = self.client_headers_forwarded(
+            headers, forwarded=forwarded, host_header=host_header,
+            replace_request_id=request_id is not None)
+        out += identity_headers(identity, access_token) if added is None else added
+        if request_id is not None:
+            out.append((REQUEST_ID_HEADER, request_id))
+        return out
+
+    def client_headers_forwarded(
+        self,
+        headers: Sequence[tuple[str, str]],
+        *,
+        forwarded: Forwarded,
+        host_header: str,
+        replace_request_id: bool,
+    ) -> list[tuple[str, str]]:
+        """The first part of :meth:`upstream_request_headers`: the client's headers, cleaned,
+        then ``Host`` and ``X-Forwarded-For/-Proto/-Host``; the client's ``X-Request-Id`` is
+        dropped when ``replace_request_id``. It depends on nothing but its arguments, so a
+        caller may keep it for a request head sent again (issue 7)."""
+        drop = self._drop_id if replace_request_id else self._drop
         keys = [canonical(name) for name, _ in headers]
         # RFC 9110 7.6.1: a Connection header lists more hop-by-hop headers. Collected first,
         # and applied to the client's headers only (security note 7).
@@ -494,9 +514,6 @@ class HeaderPolicy:
         out.append(("X-Forwarded-For", _clean(forwarded.for_chain)))
         out.append(("X-Forwarded-Proto", _clean(forwarded.proto)))
         out.append(("X-Forwarded-Host", _clean(forwarded.host)))
-        out += identity_headers(identity, access_token) if added is None else added
-        if request_id is not None:
-            out.append((REQUEST_ID_HEADER, request_id))
         return out
 
     def _strip_own_cookies(self, value: str) -> str:

@@ -209,6 +209,41 @@ async def test_forwarding_headers_from_an_untrusted_peer_are_replaced(
         assert seen["raw_path"] == path
 
 
+async def test_a_head_sent_again_reaches_the_upstream_alike_but_for_its_request_id(
+    world: World, alice_cookie: str
+) -> None:
+    """The gateway keeps what a head settles (facts, route, cleaned headers) for the same
+    bytes sent again: each time the upstream must get the same cleaned headers, the
+    gateway's identity headers once, and that request's own id; spoofed values never."""
+    headers = ["Host: gw.test", *SPOOFED, *SPOOFED_FORWARDING, "X-Request-Id: mine",
+               "X-Hop: drop-me", "Connection: X-Hop", f"Cookie: {alice_cookie}; theme=dark",
+               "Connection: close"]
+    data = request_bytes("GET", "/app/again?q=1", headers)
+    seen_headers, ids = [], []
+    for _ in range(3):
+        mark = world.mark()
+        answer = await raw_exchange(world.port, data)
+        assert answer.status == 200
+        [seen] = world.seen_since(mark)
+        assert seen["raw_path"] == "/app/again?q=1"
+        pairs = echoed_headers(seen)
+        got = {k.lower(): v for k, v in pairs}
+        assert got["x-request-id"] == answer.header("X-Request-Id")
+        ids.append(got["x-request-id"])
+        seen_headers.append([(k, v) for k, v in pairs if k.lower() != "x-request-id"])
+        assert _identity_values(seen) == {"x-forwarded-user": ["alice"],
+                                          "x-forwarded-email": ["alice@example.com"],
+                                          "x-forwarded-groups": ["eng,admins"],
+                                          "x-forwarded-preferred-username": ["alice"]}
+        assert got["x-forwarded-for"] == "127.0.0.1"
+        assert got["cookie"] == "theme=dark"  # the session cookie stays with the gateway
+        assert "x-hop" not in got
+        assert "root" not in [v for _, v in pairs]
+    assert len(set(ids)) == 3
+    assert "mine" not in ids
+    assert seen_headers[0] == seen_headers[1] == seen_headers[2]
+
+
 def _redirect_uri(location: str) -> str:
     return parse_qs(urlsplit(location).query)["redirect_uri"][0]
 

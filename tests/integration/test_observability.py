@@ -267,6 +267,19 @@ async def test_a_signed_in_answer_finds_its_lines_written_before_it(world: World
     for status, request_id, written in answers:
         assert status == 200
         assert written == {"gateway.audit", "gateway.access"}, request_id
+    # The same user and page: lines made from one template (Gateway._line_template), each
+    # with its own request id, time and duration.
+    ids = {request_id for _, request_id, _ in answers}
+    assert len(ids) == 20
+    for logger in ("gateway.audit", "gateway.access"):
+        mine = [line for line in log_lines(gw)
+                if line["logger"] == logger and line.get("request_id") in ids]
+        assert len(mine) == 20
+        assert all(isinstance(line.pop("duration_ms"), float | int) for line in mine)
+        assert all(line.pop("time").endswith("Z") for line in mine)
+        assert {line.pop("request_id") for line in mine} == ids
+        assert all(line == mine[0] for line in mine)
+        assert (mine[0]["path"], mine[0]["user"], mine[0]["status"]) == ("/app/echo", "bob", 200)
 
 
 async def test_a_trusted_proxys_request_id_is_kept_and_anyone_elses_replaced(
