@@ -5,12 +5,20 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from gateway.observability import JsonFormatter, LineStreamHandler, LineTemplate, log_info
+from gateway.observability import (
+    JsonFormatter,
+    LineStreamHandler,
+    LineTemplate,
+    log_info,
+    new_request_id,
+)
 
 
 @pytest.fixture
@@ -298,3 +306,23 @@ def test_lines_written_together_are_one_line_each(stream: io.StringIO) -> None:
     assert isinstance(handler, LineStreamHandler)
     handler.emit_lines(['{"a":1}', '{"b":2}'])
     assert stream.getvalue() == '{"a":1}\n{"b":2}\n'
+
+
+def test_request_ids_are_fresh_across_draws_and_in_a_forked_child() -> None:
+    """Ids are cut from one draw of randomness at a time (observability._RequestIds): none
+    repeats across draws, and a forked worker never hands out its parent's next ids."""
+    ids = [new_request_id() for _ in range(1000)]  # about four draws
+    assert len(set(ids)) == 1000
+    assert all(re.fullmatch(r"[0-9a-f]{16}", i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, "".join(new_request_id() for _ in range(4)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    parent = "".join(new_request_id() for _ in range(4))
+    assert len(child) == 64
+    assert child != parent
