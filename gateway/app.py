@@ -759,13 +759,21 @@ class TurnWriter:
     to requests read by :meth:`GatewayRequestHandler.start` on a connection that stays open,
     go this way; any other answer first has them all written (:meth:`flush`)."""
 
-    __slots__ = ("_answers", "_due", "_loop", "lines")
+    __slots__ = ("_after", "_answers", "_due", "_loop", "lines")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._answers: list[tuple[asyncio.Transport, bytes]] = []
+        self._after: list[tuple[Callable[..., object], tuple[object, ...]]] = []
         self._due = False
         self.lines = HeldLines()
+
+    def after_answer(self, callback: Callable[..., object], *args: object) -> None:
+        """Run ``callback(*args)`` once the answers of this turn are written: work for the
+        client's next request, which must not delay this one's answer (a ``call_soon`` from
+        the handler ran before the end of the turn, so before the answer went out)."""
+        self._after.append((callback, args))
+        self._flush_soon()
 
     def hold_info(self, logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
         self.lines.hold_info(logger, message, fields)
@@ -794,6 +802,9 @@ class TurnWriter:
         for transport, data in answers:
             if not transport.is_closing():
                 transport.write(data)
+        after, self._after = self._after, []
+        for callback, args in after:  # each on its own: one failing stops no other
+            self._loop.call_soon(callback, *args)
 
 
 class GatewayRequestHandler(web.RequestHandler):

@@ -295,6 +295,9 @@ class LineSink(Protocol):
     def hold_line(self, handler: LineStreamHandler, line: str) -> None:
         """A line already formatted (:meth:`LineTemplate.line`)."""
 
+    def after_answer(self, callback: Callable[..., object], *args: object) -> None:
+        """Run ``callback(*args)`` once the answer is written."""
+
 
 @dataclass(frozen=True, slots=True)
 class _AtOncePlan:
@@ -1704,10 +1707,12 @@ class Gateway:
             held.hold_info(log, "login", line)
         else:
             log_info(log, "login", line)
-        # Runs once this task's turn has written the answer (app.GatewayRequestHandler).
-        loop = asyncio.get_running_loop()
-        loop.call_soon(self._prepare_return, facts, login.target, session)
-        loop.call_soon(self._make_spare_ticket)
+        # Work for the next login and the page the browser asks for next, done once the
+        # answer is written (issue 7: scheduled with call_soon, it ran before the server's
+        # end-of-turn write of the answer, and made every callback 0.3 ms slower at idle).
+        later = held.after_answer if held is not None else asyncio.get_running_loop().call_soon
+        later(self._prepare_return, facts, login.target, session)
+        later(self._make_spare_ticket)
         response = web.Response(status=302, headers={
             "Location": login.target,
             "Cache-Control": _NO_STORE,
