@@ -880,7 +880,7 @@ class GatewayRequestHandler(web.RequestHandler):
         if self._reading_heads and heads is not None:
             # A head read before (an API client polling, wrk) is found by its bytes first:
             # it was checked when it was read, and holds no credentials.
-            head = heads.known(data)
+            head = heads.known(data) if len(data) <= _AT_ONCE_MAX else None
             if head is not None and self._can_answer_at_once():
                 credentials = False
             else:

@@ -324,6 +324,7 @@ _KNOWN_HEADS = 1024
 _KNOWN_HEAD_BYTES = 8192
 # Log line templates kept (Gateway._line_template); past this many the memo starts over.
 _LINE_TEMPLATES = 1024
+_UNSEEN: Final = object()
 
 
 @dataclass(slots=True)
@@ -504,7 +505,7 @@ class Gateway:
         # A request head -> what it settles by itself (_facts).
         self._known_heads: dict[tuple[object, ...], KnownHead] = {}
         # A log line's fields but for request id and duration -> its template (_account).
-        self._templates: dict[tuple[object, ...], LineTemplate] = {}
+        self._templates: dict[tuple[object, ...], LineTemplate | None] = {}
         # Routes with bearer: (API clients): their tokens' checks and introspection cache.
         self.bearer = BearerAuthenticator(config, idp, clock=clock)
 
@@ -739,19 +740,26 @@ class Gateway:
     ) -> LineTemplate | None:
         """The template of this line but for its request id and duration, kept by the
         rest of its fields: a signed-in user's requests to a page log the same line again and
-        again (issue 7: encoding it was a twentieth of a signed-in GET's CPU). None when a
-        field's value cannot be a key."""
+        again (issue 7: encoding it was a twentieth of a signed-in GET's CPU). Made the second
+        time a line is seen: a line seen once (an API with an id in every path) costs a
+        template more than it saves. None for the first time, and when a field's value
+        cannot be a key."""
         key = (logger, message, *[item for item in fields.items()
                                   if item[0] != "request_id" and item[0] != "duration_ms"])
+        templates = self._templates
         try:
-            template = self._templates.get(key)
+            found = templates.get(key, _UNSEEN)
         except TypeError:
             return None
-        if template is None:
-            if len(self._templates) >= _LINE_TEMPLATES:
-                self._templates.clear()
-            template = self._templates[key] = LineTemplate(
-                logger, message, fields, ("request_id", "duration_ms"))
+        if isinstance(found, LineTemplate):
+            return found
+        if len(templates) >= _LINE_TEMPLATES:
+            templates.clear()
+        if found is _UNSEEN:
+            templates[key] = None
+            return None
+        template = templates[key] = LineTemplate(
+            logger, message, fields, ("request_id", "duration_ms"))
         return template
 
     def _log_lines(
