@@ -77,8 +77,12 @@ async def scrape(http: aiohttp.ClientSession, url: str) -> str:
 
 
 def log_lines(gw: GatewayProcess) -> list[dict[str, Any]]:
+    """The JSON lines written whole so far: a line another request's turn is writing at this
+    moment may be read half-written (a reader of a file can see a write(2) in progress), and
+    every whole line ends in a newline."""
+    text = gw.logs()
     out = []
-    for line in gw.logs().splitlines():
+    for line in text[:text.rfind("\n") + 1].splitlines():
         if line.startswith("{"):
             out.append(json.loads(line))
     return out
