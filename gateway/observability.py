@@ -188,8 +188,7 @@ class JsonFormatter(logging.Formatter):
     ) -> str:
         """The line :meth:`format` makes of ``logger.info(message, extra=fields)`` (``at``:
         the time as written, else now)."""
-        out = self._head(time.time() if at is None else at, "info", logger, message,
-                         os.getpid())
+        out = self._head(time.time() if at is None else at, "info", logger, message, _pid)
         out.update(fields)
         return _json_text(out)
 
@@ -392,7 +391,7 @@ class LineTemplate:
         if ours is not None:
             formatter = ours[1]
             parts = self._parts
-            if formatter is not self._formatter or self._pid != os.getpid():
+            if formatter is not self._formatter or self._pid != _pid:
                 parts = self._build(formatter)
         if ours is None or parts is None:
             log_info(logger, self.message, {**self.fields, **dict(zip(self.variables, values,
@@ -418,7 +417,7 @@ class LineTemplate:
         for mark, slot in marks.items():
             quoted = f'"{mark}"'
             if text.count(quoted) != 1:  # not again for this formatter and process
-                self._formatter, self._pid, self._parts = formatter, os.getpid(), None
+                self._formatter, self._pid, self._parts = formatter, _pid, None
                 return None
             found.append((text.index(quoted), quoted, slot))
         found.sort()
@@ -428,7 +427,7 @@ class LineTemplate:
             slots.append(slot)
             start = at + len(quoted)
         parts.append(text[start:])
-        self._formatter, self._pid = formatter, os.getpid()
+        self._formatter, self._pid = formatter, _pid
         self._parts = tuple(parts)
         self._pairs = tuple(zip(slots, parts[1:], strict=True))
         return self._parts
@@ -457,7 +456,7 @@ def configure_logging(level: str, fmt: str, *, pid: bool = False) -> None:
 class _RequestIds:
     """Request ids cut from one draw of ``secrets`` randomness at a time (256 ids per
     draw): one getrandom(2) per request was a twentieth of a 401's CPU (issue 7). Drawn
-    again in a forked child, so that two processes never hand out the same ids."""
+    again in a forked child (:func:`_forked`), so that a worker never repeats its parent's."""
 
     _DRAW: Final = 2048  # bytes: 256 ids of 16 hex digits
 
@@ -477,11 +476,22 @@ class _RequestIds:
 
 
 _request_ids: Final = _RequestIds()
-os.register_at_fork(after_in_child=_request_ids.forget)
+# This process's id for the log lines: os.getpid() is a system call, and it ran for every
+# line (issue 7); renewed, with the request ids, in a forked child.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+    _request_ids.forget()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def new_request_id() -> str:
-    """16 hex digits (64 bits) from the system's CSPRNG, never handed out twice by design."""
+    """16 hex digits (64 bits) from the system's CSPRNG, each from bytes of its own."""
     return _request_ids.next()
 
 

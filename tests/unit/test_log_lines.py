@@ -146,7 +146,7 @@ def test_each_line_has_its_own_message_time_and_pid(
     audit, access = logging.getLogger("gateway.audit"), logging.getLogger("gateway.access")
     log_info(audit, "access allowed", {"status": 200})
     log_info(access, "request", {"status": 404})
-    monkeypatch.setattr("gateway.observability.os.getpid", lambda: 424242)
+    monkeypatch.setattr("gateway.observability._pid", 424242)
     log_info(audit, "access allowed", {"status": 201})
     first, second, third = lines(stream)
     assert (first["logger"], first["msg"], first["status"]) == (
@@ -239,7 +239,7 @@ def test_a_template_follows_a_new_formatter_and_a_new_process(
     first = template.line(2)
     assert first is not None
     assert "pid" in json.loads(first[1])
-    monkeypatch.setattr("gateway.observability.os.getpid", lambda: 424242)
+    monkeypatch.setattr("gateway.observability._pid", 424242)
     forked = template.line(2)
     assert forked is not None
     assert json.loads(forked[1])["pid"] == 424242
@@ -326,3 +326,29 @@ def test_request_ids_are_fresh_across_draws_and_in_a_forked_child() -> None:
     parent = "".join(new_request_id() for _ in range(4))
     assert len(child) == 64
     assert child != parent
+
+
+def test_a_forked_child_writes_its_own_pid(stream: io.StringIO) -> None:
+    """The pid of the log lines is kept, not asked of the system per line: a forked worker's
+    lines, standard and from a template made in the parent, carry the worker's pid."""
+    _gateway_handlers_only()
+    audit = logging.getLogger("gateway.audit")
+    template = LineTemplate(audit, "m", {"a": 1}, ("b",))
+    parent = template.line(1)
+    assert parent is not None
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        made = template.line(2)
+        formatter = logging.getLogger().handlers[0].formatter
+        assert isinstance(formatter, JsonFormatter)
+        standard = formatter.format_fields("gateway.audit", "m", {"a": 1})
+        os.write(write, ((made[1] if made else "") + "\n" + standard).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        from_template, standard = pipe.read().split("\n")
+    assert json.loads(parent[1])["pid"] == os.getpid()
+    assert json.loads(from_template)["pid"] == pid
+    assert json.loads(standard)["pid"] == pid
