@@ -693,34 +693,13 @@ class _HeadReader:
                            data)
 
 
-def _whole(answer: WholeAnswer) -> bytes:
-    """An answer decided at once, framed as :meth:`GatewayRequestHandler._write_whole` frames
-    a ``web.Response`` to an HTTP/1.1 keep-alive request (the headers in the same order).
-    No value holds CR or LF: ``Gateway.answer_at_once`` sends constants, a request id (hex,
-    or a trusted proxy's checked one), a checked cookie and a provider URL it checked.
-
-    An answer with a ``frame`` is joined from that frame's bytes, made once (:class:`_Frame`):
-    the 401s of one request head differ only in their request id."""
-    if answer.frame is not None:
-        frame = _FRAMES.get(answer.frame)
-        if frame is None:
-            if len(_FRAMES) >= _FRAME_MEMO:
-                _FRAMES.clear()
-            frame = _FRAMES[answer.frame] = _Frame(answer)
-        return frame.bytes_with(answer.headers[-1][1])
-    head = "".join([
-        f"HTTP/1.1 {answer.status} {answer.reason}\r\n",
-        *[f"{name}: {value}\r\n" for name, value in answer.headers],
-        f"Content-Length: {len(answer.body)}\r\nDate: {rfc822_formatted_time()}\r\n"
-        f"Server: {SERVER_SOFTWARE}\r\n\r\n",
-    ])
-    return head.encode("ascii") + answer.body
-
-
 class _Frame:
-    """The constant bytes of the answers that share a ``WholeAnswer.frame``, cut around the
-    last header's value and the date, as :func:`_whole` would write them (issue 7: formatting
-    every header of every 401 anew was a tenth of its CPU)."""
+    """An answer decided at once, framed as :meth:`GatewayRequestHandler._write_whole` frames
+    a ``web.Response`` to an HTTP/1.1 keep-alive request (the headers in the same order),
+    its bytes cut around the value of its last header (the request id, which every answer
+    decided at once ends with) and the date. No value holds CR or LF:
+    ``Gateway.answer_at_once`` sends constants, a request id (hex, or a trusted proxy's
+    checked one), a checked cookie and a provider URL it checked."""
 
     __slots__ = ("_date", "_date_text", "_head", "_middle", "_tail")
 
@@ -744,10 +723,28 @@ class _Frame:
                          self._tail))
 
 
-# Frames kept (_whole), one per distinct request head answered at once with a 401 at most;
-# past this many the memo starts over.
-_FRAME_MEMO: Final = 1024
-_FRAMES: dict[object, _Frame] = {}
+class _Frames:
+    """The frames of the answers that share a ``WholeAnswer.frame`` (the 401s of one request
+    head differ only in their request id), kept by the connections of one server: made once,
+    not for every answer (issue 7: formatting every header of every 401 anew was a tenth of
+    its CPU). Past ``limit`` the memo starts over."""
+
+    __slots__ = ("_kept", "limit")
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._kept: dict[object, _Frame] = {}
+        self.limit = limit
+
+    def framed(self, answer: WholeAnswer) -> bytes:
+        key = answer.frame
+        frame = self._kept.get(key) if key is not None else None
+        if frame is None:
+            frame = _Frame(answer)
+            if key is not None:
+                if len(self._kept) >= self.limit:
+                    self._kept.clear()
+                self._kept[key] = frame
+        return frame.bytes_with(answer.headers[-1][1])
 
 
 class TurnWriter:
@@ -826,7 +823,7 @@ class GatewayRequestHandler(web.RequestHandler):
         at_once: Callable[[RequestHead], WholeAnswer | None] | None = None,
         arrived: Callable[[], int | None] | None = None, turn: TurnWriter | None = None,
         head_memo: dict[tuple[bytes, str, bool], RequestHead | None] | None = None,
-        **kwargs: Any,
+        frames: _Frames | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
@@ -834,6 +831,7 @@ class GatewayRequestHandler(web.RequestHandler):
         self._at_once = at_once
         self._turn = turn if turn is not None else TurnWriter(self._loop)
         self._head_memo = head_memo
+        self._frames = frames if frames is not None else _Frames()
         # Where the request being answered by start() holds its log lines (read by
         # Gateway.handle), while it is; None for requests aiohttp's own loop answers.
         self.held_lines: TurnWriter | None = None
@@ -929,7 +927,7 @@ class GatewayRequestHandler(web.RequestHandler):
     def _send_at_once(self, answer: WholeAnswer) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            self._turn.add(transport, _whole(answer), answer.lines)
+            self._turn.add(transport, self._frames.framed(answer), answer.lines)
         if self._manager is not None:
             self._manager.requests_count += 1
         self._keepalive = True
@@ -1170,11 +1168,12 @@ class GatewaySite(web.BaseSite):
         manager = self._manager = web.Server(self._handler, loop=loop)
         turn = TurnWriter(loop)
         head_memo: dict[tuple[bytes, str, bool], RequestHead | None] = {}
+        frames = _Frames()
 
         def connection() -> GatewayRequestHandler:
             return GatewayRequestHandler(
                 manager, guard=self.guard, at_once=self._at_once, arrived=self._arrived,
-                turn=turn, head_memo=head_memo, loop=loop, **self._handler_options)
+                turn=turn, head_memo=head_memo, frames=frames, loop=loop, **self._handler_options)
 
         self._server = await loop.create_server(
             connection, self._host, self._port, backlog=self._backlog, reuse_address=True,
