@@ -61,6 +61,7 @@ from gateway.headers import (
     peer_trusted,
     set_cookie,
     upstream_response_headers,
+    with_gateway_headers,
 )
 from gateway.idp import IdentityProvider
 from gateway.models import Decision, Identity, IndexEntry, LoginState, Session, Ticket
@@ -630,15 +631,15 @@ class Gateway:
                 return None
             decision = facts.outcome.final(302, own_endpoint=False)
             return _AtOncePlan(facts, route.name, target, redirect_uri, (), b"", decision,
-                               self._line_templates(head, facts, 302, route.name, decision))
+                               self._plan_templates(head, facts, 302, route.name, decision))
         headers = (*_UNAUTHENTICATED_HEADERS.items(),
                    ("Content-Type", "application/json; charset=utf-8"))
         body = orjson.dumps(self._unauthenticated_json(facts, target))
         decision = facts.outcome.final(401, own_endpoint=False)
         return _AtOncePlan(facts, route.name, target, None, headers, body, decision,
-                           self._line_templates(head, facts, 401, route.name, decision))
+                           self._plan_templates(head, facts, 401, route.name, decision))
 
-    def _line_templates(
+    def _plan_templates(
         self, head: RequestHead, facts: RequestFacts, status: int, route: str, decision: str
     ) -> tuple[LineTemplate, ...]:
         """The lines :meth:`_account` writes for an answer of this plan, less the request id
@@ -1294,12 +1295,10 @@ class Gateway:
             if known is not None:
                 known.upstream[(route.name, no_authorization)] = planned
         forwarded_headers, url = planned
-        headers = [
-            *forwarded_headers,
-            *await self._identity_headers(facts, route, identity, access_token),
-            # The app logs the same id as the gateway: whatever the client sent is replaced.
-            (REQUEST_ID_HEADER, facts.request_id),
-        ]
+        # The app logs the same id as the gateway: whatever the client sent is replaced.
+        headers = with_gateway_headers(
+            forwarded_headers, await self._identity_headers(facts, route, identity, access_token),
+            facts.request_id)
         user = identity.user if identity else None
         if is_websocket(request):
             return await self.proxy.websocket(

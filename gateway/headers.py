@@ -72,6 +72,7 @@ __all__ = [
     "plan_identity_headers",
     "policy_groups",
     "upstream_response_headers",
+    "with_gateway_headers",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -467,13 +468,12 @@ class HeaderPolicy:
         preferred username or access token that cannot is left out; so is a group that
         cannot, or whose name contains "," (it would read as two groups).
         """
-        out = self.client_headers_forwarded(
-            headers, forwarded=forwarded, host_header=host_header,
-            replace_request_id=request_id is not None)
-        out += identity_headers(identity, access_token) if added is None else added
-        if request_id is not None:
-            out.append((REQUEST_ID_HEADER, request_id))
-        return out
+        return with_gateway_headers(
+            self.client_headers_forwarded(
+                headers, forwarded=forwarded, host_header=host_header,
+                replace_request_id=request_id is not None),
+            identity_headers(identity, access_token) if added is None else added,
+            request_id)
 
     def client_headers_forwarded(
         self,
@@ -537,6 +537,19 @@ class HeaderPolicy:
                 continue
             kept.append(pair)
         return "; ".join(kept) if removed else value
+
+
+def with_gateway_headers(
+    forwarded: Sequence[tuple[str, str]], added: Sequence[tuple[str, str]],
+    request_id: str | None,
+) -> list[tuple[str, str]]:
+    """The second part of :meth:`HeaderPolicy.upstream_request_headers`, for a caller that
+    kept the first (:meth:`HeaderPolicy.client_headers_forwarded`): the identity headers
+    ``added``, then ``X-Request-Id`` last when ``request_id`` is given."""
+    out = [*forwarded, *added]
+    if request_id is not None:
+        out.append((REQUEST_ID_HEADER, request_id))
+    return out
 
 
 def identity_headers(
