@@ -59,6 +59,14 @@ def _config(port: int, args: argparse.Namespace, redis_url: str | None) -> dict[
     return config
 
 
+def _probed(url: str, request: Request) -> int | str:
+    """The status of one probe, or the connection error that stopped it."""
+    try:
+        return probe(url, request).status
+    except OSError as exc:
+        return type(exc).__name__
+
+
 def _slice(src: Path, config: Path, log: Path, args: argparse.Namespace) -> tuple[float, int]:
     """Start the gateway from ``src``, check one answer, warm up, then one measured wrk run:
     (CPU seconds of the gateway's processes, requests answered)."""
@@ -75,10 +83,12 @@ def _slice(src: Path, config: Path, log: Path, args: argparse.Namespace) -> tupl
         # Ten ready answers can all have come from one worker; another may still be loading
         # the provider (a 503 until it has): asked again, on a new connection each time,
         # until the answer is right or the start-up deadline has passed.
+        # A refused connection counts as a wrong answer: CI once saw one right after ten
+        # ready answers (workers=2), which a retry a moment later would have passed.
         deadline = time.monotonic() + START_DEADLINE
-        while (answer := probe(url, request)).status != status:
+        while (seen := _probed(url, request)) != status:
             if time.monotonic() > deadline:
-                raise HarnessError(f"{src}: GET /bench answered {answer.status}, expected "
+                raise HarnessError(f"{src}: GET /bench answered {seen}, expected "
                                    f"{status}; the gateway's log ends:\n{tail(log, 20)}")
             time.sleep(0.1)
         run_wrk(url, request, duration=1, connections=args.connections, threads=1)
